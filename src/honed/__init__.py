@@ -1,0 +1,35 @@
+"""honed: fine-tune a pre-trained model to your task and data, and measure whether to trust it.
+
+    import honed
+    result = honed.run("recipe.yaml", ["train.lr=3e-5"])
+    result.metrics["test"], result.run_dir
+"""
+
+from .errors import DataError, HonedError, RecipeError
+from .recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+__all__ = ["run", "check", "predict", "load_recipe", "Recipe", "HonedError", "RecipeError", "DataError", "__version__"]
+
+
+def run(recipe, overrides=None, **kwargs):
+    """Fine-tune as `recipe` (a path, a dict or a Recipe) says; returns a RunResult (run_dir, metrics)."""
+    from .pipeline import run as _run
+
+    return _run(recipe, overrides, **kwargs)
+
+
+def check(recipe, overrides=None) -> dict:
+    """Validate the recipe and audit its data without training; returns the audit."""
+    from .data.audit import audit_text_splits
+    from .pipeline import prepare
+
+    _, splits = prepare(recipe, overrides)
+    return audit_text_splits(splits)
+
+
+def predict(run_dir, input_path):
+    """Predictions (a DataFrame) for a CSV/JSONL/Parquet file from a finished run."""
+    from .predict import predict as _predict
+
+    return _predict(run_dir, input_path)

@@ -1,0 +1,176 @@
+"""The command line. It parses arguments, calls the pipeline and prints; nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HonedError, RecipeError, TrainingInterrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="honed: fine-tune a pre-trained model to your data, and measure whether to trust it.")
+out_console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors.")):
+    STATE["debug"] = debug
+
+
+def print_verdict(metrics: dict, run_dir: Path) -> None:
+    primary = metrics["primary_metric"]
+    table = Table(title="honed verdict", show_lines=False)
+    table.add_column("guard")
+    table.add_column("status")
+    table.add_column("summary", overflow="fold")
+    for name, guard in metrics["guards"].items():
+        style = STATUS_STYLE.get(guard["status"], "")
+        table.add_row(name, f"[{style}]{guard['status']}[/{style}]", guard["summary"])
+    out_console.print(table)
+    test = metrics["test"].get(primary)
+    probe = metrics.get("pretrained", {}).get(primary)
+    majority = metrics.get("majority", {}).get(primary)
+    line = f"test {primary}: [bold]{test:.4f}[/bold]"
+    if probe is not None:
+        line += f"   linear probe (pre-trained): {probe:.4f}"
+    if majority is not None:
+        line += f"   majority class: {majority:.4f}"
+    out_console.print(line)
+    timing = metrics.get("timing", {})
+    out_console.print(f"trained in {timing.get('train_seconds', 0):.1f} s ({timing.get('samples_per_second', 0):.1f} samples/s, {timing.get('precision')})")
+    out_console.print(f"run directory: [bold]{run_dir}[/bold]  (report: {run_dir / 'report.html'})")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. -s train.lr=1e-4 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's `out`, else runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+):
+    """Fine-tune: writes a run directory and prints a short verdict table."""
+    from .pipeline import run as run_pipeline
+
+    try:
+        result = run_pipeline(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted:
+        target = f" --out {out}" if out else ""
+        sets = "".join(f" -s {s}" for s in set_)
+        err_console.print(f"interrupted: checkpoint saved. Resume with: honed run {recipe}{sets}{target} --resume")
+        raise typer.Exit(130)
+    print_verdict(result.metrics, result.run_dir)
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. -s data.label=stars."),
+):
+    """Validate the recipe and audit the data, without loading a model or training."""
+    from .data.audit import audit_text_splits
+    from .pipeline import prepare
+
+    resolved, splits = prepare(str(recipe), set_)
+    audit = audit_text_splits(splits)
+    table = Table(title=f"data audit: {recipe}")
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    table.add_column("classes")
+    for name, info in audit["splits"].items():
+        table.add_row(name, str(info["rows"]), ", ".join(f"{k}: {v}" for k, v in info["class_counts"].items())[:200])
+    out_console.print(table)
+    for finding in audit["findings"]:
+        style = {"warn": "yellow", "error": "red"}.get(finding["level"], "dim")
+        out_console.print(f"[{style}]{finding['level']}[/{style}] {finding['message']}")
+    out_console.print(f"recipe ok: task {resolved.task}, model {resolved.model}, method {resolved.method}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `honed run`."),
+    input: Path = typer.Argument(..., help="CSV, JSONL or Parquet with the column the model was trained on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here (CSV); default: print to stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+):
+    """Predict labels for new data with a fine-tuned model."""
+    from .predict import predict as run_predict
+
+    if out is not None and out.exists() and not overwrite:
+        raise RecipeError(f"--out: {out} already exists; pass --overwrite to replace it or choose another file")
+    frame = run_predict(run_dir, input)
+    if out is None:
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        frame.to_csv(out, index=False)
+        err_console.print(f"wrote {len(frame)} predictions to {out}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `honed run`.")):
+    """Rebuild RUN_DIR/report.html from the run directory's files."""
+    from .report import build_report
+
+    if not (run_dir / "metrics.json").exists():
+        raise RecipeError(f"RUN_DIR: {run_dir} has no metrics.json; give a finished run directory")
+    path = build_report(run_dir)
+    out_console.print(f"report: {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo's data, recipe and run directory go."),
+):
+    """Fine-tune WordLlama (real pre-trained weights) to tell Android from iPhone tweets (real data), offline."""
+    from .demo import demo_recipe, free_run_dir
+    from .pipeline import run as run_pipeline
+
+    data_dir = out.with_name(out.name + "-data")
+    recipe = demo_recipe(data_dir)
+    run_dir = free_run_dir(out)
+    out_console.print(f"demo: {recipe}  →  {run_dir}")
+    result = run_pipeline(str(recipe), [], out=run_dir)
+    print_verdict(result.metrics, result.run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line `error: ...` and the documented exit code for every known failure."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except HonedError as exc:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            err_console.print("aborted")
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if STATE["debug"]:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        err_console.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and report it",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Read tables (CSV, JSONL, Parquet) into DataFrames, with one clear error per way a file can be bad."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+MAX_FIELD_BYTES = 64 * 1024 * 1024
+
+
+def _check_file(path: Path, field: str) -> None:
+    try:
+        exists = path.exists()
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a symlink loop
+        raise DataError(f"{field}: cannot open {path} ({exc.strerror or exc}); point it at a readable file") from None
+    if not exists:
+        hint = ""
+        if path.parent.is_dir():
+            near = sorted(p.name for p in path.parent.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)[:5]
+            if near:
+                hint = f" (files there: {', '.join(near)})"
+        raise DataError(f"{field}: file {path} not found{hint}")
+    if is_dir:
+        raise DataError(f"{field}: {path} is a directory; expected a .csv, .jsonl or .parquet file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{field}: {path} is empty (0 bytes); expected a header row and data rows")
+
+
+def _decode(path: Path, field: str) -> str:
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig strips a byte-order mark that spreadsheet programs add
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{field}: {path} is not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at byte {exc.start}); re-save it as UTF-8"
+        ) from None
+    # mixed \r\n / \r / \n line endings are normalised so rows split the same everywhere
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_table(path: str | Path, field: str = "data.train") -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet file; `field` names the recipe key in error messages."""
+    path = Path(path)
+    _check_file(path, field)
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{field}: {path.name} has suffix '{path.suffix}'; expected one of {', '.join(sorted(TABLE_SUFFIXES))}"
+        )
+    if kind == "parquet":
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{field}: {path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    elif kind == "jsonl":
+        frame = _read_jsonl(_decode(path, field), path, field)
+    else:
+        frame = _read_delimited(_decode(path, field), path, field, sep="\t" if kind == "tsv" else ",")
+    if len(frame.columns) == 0:
+        raise DataError(f"{field}: {path} has no columns; expected a header row")
+    if len(frame) == 0:
+        raise DataError(f"{field}: {path} has a header but no data rows")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _read_delimited(text: str, path: Path, field: str, sep: str) -> pd.DataFrame:
+    csv.field_size_limit(MAX_FIELD_BYTES)
+    try:
+        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""], engine="python")
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{field}: {path} is not a well-formed table: {str(exc).strip()}; every row needs the header's number of fields") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{field}: {path} has no header row and no data") from None
+    except csv.Error as exc:
+        raise DataError(f"{field}: {path} could not be parsed as CSV ({exc})") from None
+
+
+def _read_jsonl(text: str, path: Path, field: str) -> pd.DataFrame:
+    import json
+
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array of records is accepted too
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{field}: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    else:
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{field}: {path} line {number} is not valid JSON ({exc.msg}); expected one JSON object per line") from None
+    bad = next((i for i, r in enumerate(records, start=1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{field}: {path} record {bad} is not a JSON object; expected one object per line like {{\"text\": ..., \"label\": ...}}")
+    return pd.DataFrame.from_records(records)

@@ -1,0 +1,145 @@
+"""Text classification data: load the splits, validate columns and labels, carve missing splits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..errors import DataError
+from ..recipe import DataSpec
+from .load import read_table
+from .split import carve
+
+MAX_CLASS_SHARE_OF_ROWS = 0.5  # more distinct labels than half the rows is an id column, not a label
+
+
+@dataclass
+class TextSplits:
+    """The three splits, each a frame with `text` and `label` (str) columns plus any group columns."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    notes: list[dict] = field(default_factory=list)  # audit findings produced while preparing
+
+
+def label_to_str(value) -> str:
+    """Labels are kept as strings; 1.0 read from a Parquet float column becomes '1'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _columns_error(field_name: str, column: str, path: str, frame: pd.DataFrame) -> DataError:
+    cols = ", ".join(map(str, frame.columns[:30]))
+    return DataError(f"{field_name}: column '{column}' not found in {_name(path)} (columns: {cols})")
+
+
+def _name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name
+
+
+def _check_labels_are_classes(values: pd.Series, path: str, column: str) -> None:
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all():
+        finite = numeric[numeric.map(math.isfinite)]
+        if len(finite) < len(numeric):
+            raise DataError(f"data.label: column '{column}' in {_name(path)} has NaN/inf values; expected class labels")
+        if not (finite == finite.round()).all():
+            example = next(v for v in values if float(v) != round(float(v)))
+            raise DataError(
+                f"data.label: column '{column}' in {_name(path)} holds fractional numbers (e.g. {example}); "
+                "text-classification needs class labels; for a numeric target use a regression task"
+            )
+
+
+def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: list[dict]) -> pd.DataFrame:
+    for column, key in ((spec.text, "data.text"), (spec.label, "data.label")):
+        if column not in frame.columns:
+            raise _columns_error(key, column, path, frame)
+    for column in spec.groups:
+        if column not in frame.columns:
+            raise _columns_error("data.groups", column, path, frame)
+    labels = frame[spec.label]
+    missing = labels.isna() | (labels.astype(str).str.strip() == "")
+    if missing.any():
+        rows = (missing[missing].index[:5] + 2).tolist()  # +2: header line and 1-based numbering
+        raise DataError(
+            f"data.label: {int(missing.sum())} row(s) of {_name(path)} have no '{spec.label}' value "
+            f"(file lines {', '.join(map(str, rows))}); fill them in or remove those rows"
+        )
+    _check_labels_are_classes(labels, path, spec.label)
+    texts = frame[spec.text]
+    no_text = texts.isna() | (texts.astype(str).str.strip() == "")
+    if no_text.any():
+        notes.append({
+            "level": "warn", "code": "empty_text", "split": role,
+            "message": f"{int(no_text.sum())} row(s) of {_name(path)} have an empty '{spec.text}'; they were left out",
+        })
+    kept = frame.loc[~no_text]
+    if len(kept) == 0:
+        raise DataError(f"data.text: every row of {_name(path)} has an empty '{spec.text}' column")
+    out = pd.DataFrame({"text": kept[spec.text].astype(str).to_numpy(), "label": kept[spec.label].map(label_to_str).to_numpy()})
+    for column in spec.groups:
+        out[column] = kept[column].fillna("(missing)").astype(str).to_numpy()
+    return out
+
+
+def load_text_splits(spec: DataSpec, seed: int) -> TextSplits:
+    """Read train (and validation/test when given), validate, and carve the missing splits."""
+    notes: list[dict] = []
+    train = _prepare(read_table(spec.train, "data.train"), spec, spec.train, "train", notes)
+    validation = test = None
+    if spec.validation:
+        validation = _prepare(read_table(spec.validation, "data.validation"), spec, spec.validation, "validation", notes)
+    if spec.test:
+        test = _prepare(read_table(spec.test, "data.test"), spec, spec.test, "test", notes)
+
+    classes = train["label"].value_counts()
+    if len(classes) < 2:
+        raise DataError(
+            f"data.label: column '{spec.label}' in {_name(spec.train)} has a single class ('{classes.index[0]}'); "
+            "classification needs at least two"
+        )
+    if len(classes) > 100 and len(classes) > MAX_CLASS_SHARE_OF_ROWS * len(train):
+        raise DataError(
+            f"data.label: column '{spec.label}' has {len(classes)} distinct values in {len(train)} rows of "
+            f"{_name(spec.train)}; that looks like an id or free text, not a class label"
+        )
+    needed = (validation is None) + (test is None)
+    if len(train) < 3 * max(needed, 1) * len(classes) and needed:
+        raise DataError(
+            f"data.train: {_name(spec.train)} has {len(train)} rows for {len(classes)} classes; too few to carve "
+            "validation and test splits out of it; give data.validation and data.test, or more rows"
+        )
+    if test is None:
+        train, test, stratified = carve(train, spec.test_fraction, "label", seed)
+        notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} rows, {'stratified' if stratified else 'random'}, seed {seed})"})
+    if validation is None:
+        fraction = spec.validation_fraction / (1 - spec.test_fraction) if not spec.test else spec.validation_fraction
+        train, validation, stratified = carve(train, fraction, "label", seed + 1)
+        notes.append({"level": "info", "code": "split", "message": f"validation split carved from train ({len(validation)} rows, {'stratified' if stratified else 'random'}, seed {seed + 1})"})
+
+    labels = sorted(train["label"].unique().tolist(), key=_label_sort_key)
+    known = set(labels)
+    for role, frame, path in (("validation", validation, spec.validation), ("test", test, spec.test)):
+        unseen = sorted(set(frame["label"]) - known)
+        if unseen:
+            where = _name(path) if path else f"the carved {role} split"
+            raise DataError(
+                f"data.{role}: labels {', '.join(repr(u) for u in unseen[:10])} in {where} never occur in training "
+                f"(training labels: {', '.join(labels[:20])}); add training examples for them or remove those rows"
+            )
+    return TextSplits(train=train, validation=validation, test=test, labels=labels, notes=notes)
+
+
+def _label_sort_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)

@@ -1,0 +1,48 @@
+"""Freeze the embeddings and the lowest N transformer layers; the rest trains."""
+
+from torch import nn
+
+from ..errors import RecipeError
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | tuple[None, None]:
+    """The model's stack of blocks: the ModuleList holding the most parameters."""
+    best, best_size = (None, None), 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    return best
+
+
+def embedding_module(model: nn.Module) -> nn.Module | None:
+    """BERT-style models group word, position and type embeddings in one `*embeddings` module."""
+    for name, module in model.named_modules():
+        if name.endswith("embeddings") and any(isinstance(m, nn.Embedding) for m in module.modules()):
+            return module
+    get = getattr(model, "get_input_embeddings", None)
+    if get is not None:
+        return get()
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def apply(model: nn.Module, bundle, recipe) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _, layers = find_layers(model)
+    depth = len(layers) if layers is not None else 0
+    wanted = recipe.freeze.layers
+    n = depth // 2 if wanted == "half" else int(wanted)
+    if n > depth:
+        raise RecipeError(f"freeze.layers: the model has {depth} layers; got {n}")
+    embeddings = embedding_module(model)
+    if embeddings is not None:
+        for p in embeddings.parameters():
+            p.requires_grad_(False)
+    for block in list(layers or [])[:n]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    for p in bundle.head().parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,332 @@
+"""Model families: load a pre-trained classifier, save a fine-tuned one, reload it for predict.
+
+One loader per family in a literal dict (FAMILIES). Every family gives a `ModelBundle`: an
+nn.Module whose forward(input_ids, attention_mask) yields logits, a tokenizer function, and
+the name of the final linear layer (the head) whose input is the feature vector that the
+feature cache, the linear probe and CKA use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import RecipeError
+
+HONED_MODEL_FILE = "honed.json"
+
+
+@dataclass
+class ModelBundle:
+    """A classifier and everything needed to feed, inspect and save it."""
+
+    family: str
+    model: nn.Module
+    encode: Callable[[list[str], int], list[list[int]]]  # texts, max_length → token ids
+    pad_id: int
+    head_name: str  # dotted module name of the final nn.Linear
+    labels: list[str]
+    source: str
+    tokenizer: object = None
+
+    def head(self) -> nn.Linear:
+        return self.model.get_submodule(self.head_name)
+
+
+def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Hugging Face models return an output object; honed's own return a tensor."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def find_head_name(model: nn.Module, num_labels: int) -> str:
+    """The last nn.Linear producing num_labels outputs: BERT's classifier, RoBERTa's out_proj, Llama's score."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_labels:
+            name = module_name
+    if name is None:
+        raise RecipeError(f"model: no linear classification layer with {num_labels} outputs found; is this a sequence-classification model?")
+    return name
+
+
+# --------------------------------------------------------------------------- wordllama
+
+class WordLlamaClassifier(nn.Module):
+    """WordLlama's token embeddings, mean-pooled over the real tokens, and a linear head."""
+
+    def __init__(self, vocab_size: int, dim: int, num_labels: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.classifier = nn.Linear(dim, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.embedding.weight.dtype)
+        summed = (self.embedding(input_ids) * mask).sum(dim=1)
+        pooled = summed / mask.sum(dim=1).clamp(min=1.0)
+        return self.classifier(pooled)
+
+
+def wordllama_files() -> tuple[Path, Path]:
+    """The weights and tokenizer inside the installed wordllama wheel (its own loader reaches for the network)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or spec.origin is None:
+        raise RecipeError("model: 'wordllama' needs the wordllama package (pip install wordllama)")
+    root = Path(spec.origin).parent
+    weights = sorted((root / "weights").glob("*.safetensors"))
+    tokenizers = sorted((root / "tokenizers").glob("*.json"))
+    if not weights or not tokenizers:
+        raise RecipeError(f"model: the wordllama package at {root} has no weights/*.safetensors or tokenizers/*.json")
+    return weights[0], tokenizers[0]
+
+
+def _wordllama_encoder(tokenizer_path: Path):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.no_padding()
+
+    def encode(texts: list[str], max_length: int) -> list[list[int]]:
+        tokenizer.enable_truncation(max_length)
+        return [e.ids for e in tokenizer.encode_batch(list(texts))]
+
+    pad = tokenizer.token_to_id("</s>")
+    return tokenizer, encode, (pad if pad is not None else 0)
+
+
+def load_wordllama(labels: list[str], recipe=None) -> ModelBundle:
+    weights_path, tokenizer_path = wordllama_files()
+    embedding = load_file(str(weights_path))["embedding.weight"].float()
+    model = WordLlamaClassifier(embedding.shape[0], embedding.shape[1], len(labels))
+    with torch.no_grad():
+        model.embedding.weight.copy_(embedding)
+    tokenizer, encode, pad = _wordllama_encoder(tokenizer_path)
+    return ModelBundle("wordllama", model, encode, pad, "classifier", labels, "wordllama", tokenizer)
+
+
+def save_wordllama(bundle: ModelBundle, model: nn.Module, out: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(state, out / "model.safetensors")
+    bundle.tokenizer.no_truncation()
+    bundle.tokenizer.save(str(out / "tokenizer.json"))
+    dims = model.embedding.weight.shape
+    return {"vocab_size": int(dims[0]), "dim": int(dims[1])}
+
+
+def reload_wordllama(model_dir: Path, meta: dict) -> ModelBundle:
+    model = WordLlamaClassifier(meta["vocab_size"], meta["dim"], len(meta["labels"]))
+    state = _load_safetensors(model_dir / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RecipeError(f"model: {model_dir}/model.safetensors does not match {HONED_MODEL_FILE} ({str(exc).splitlines()[0]})") from None
+    tokenizer, encode, pad = _wordllama_encoder(model_dir / "tokenizer.json")
+    return ModelBundle("wordllama", model, encode, pad, "classifier", meta["labels"], str(model_dir), tokenizer)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise RecipeError(f"model: {path} is not a directory; expected a Hugging Face checkpoint folder, a Hub id, 'wordllama' or a honed run directory")
+    if not (path / "config.json").exists():
+        raise RecipeError(f"model: {path} has no config.json; expected a Hugging Face checkpoint folder (save_pretrained layout) or a honed run directory")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise RecipeError(
+            f"model: {path} has only pickle weights (.bin/.pt), which can run code when loaded; convert them to "
+            "safetensors, or set allow_pickle: true in the recipe (they are then loaded with weights_only=True)"
+        )
+    if not has_safetensors and not has_pickle:
+        raise RecipeError(f"model: {path} has a config.json but no weights (*.safetensors)")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _hf_encoder(tokenizer):
+    def encode(texts: list[str], max_length: int) -> list[list[int]]:
+        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+    return encode
+
+
+def _hf_tokenizer(source: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RecipeError(f"model: could not load a tokenizer from {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise RecipeError(f"model: the tokenizer in {source} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
+    return tokenizer
+
+
+def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
+    """Any checkpoint AutoModelForSequenceClassification can load, by folder or Hub id."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    trust = bool(recipe and recipe.trust_remote_code)
+    allow_pickle = bool(recipe and recipe.allow_pickle)
+    local = Path(source)
+    if local.is_absolute() or local.exists():
+        _check_hf_dir(local, allow_pickle)
+    tokenizer = _hf_tokenizer(source, trust)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    except Exception as exc:
+        raise RecipeError(
+            f"model: '{source}' is neither a local checkpoint folder nor a Hub id that could be reached "
+            f"({type(exc).__name__}); give a folder with config.json, 'wordllama', or a honed run directory"
+        ) from None
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, trust_remote_code=trust, use_safetensors=None if allow_pickle else True,
+            ignore_mismatched_sizes=True,
+        )
+    except ValueError as exc:
+        first = str(exc).splitlines()[0][:240]
+        raise RecipeError(f"model: {source} cannot be loaded as a sequence classifier ({first})") from None
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0][:240]
+        raise RecipeError(f"model: the weights in {source} could not be loaded ({first})") from None
+    model.float()
+    head = find_head_name(model, len(labels))
+    return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, head, labels, source, tokenizer)
+
+
+def save_hf(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
+    model.save_pretrained(str(out), safe_serialization=True)
+    bundle.tokenizer.save_pretrained(str(out))
+    return {}
+
+
+def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    _check_hf_dir(model_dir, allow_pickle=False)
+    tokenizer = _hf_tokenizer(str(model_dir), False)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
+    except Exception as exc:
+        raise RecipeError(f"model: {model_dir} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    model.float()
+    labels = meta["labels"]
+    return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, find_head_name(model, len(labels)), labels, str(model_dir), tokenizer)
+
+
+FAMILIES = {
+    "wordllama": {"save": save_wordllama, "reload": reload_wordllama},
+    "hf": {"save": save_hf, "reload": reload_hf},
+}
+
+
+# --------------------------------------------------------------------------- entry points
+
+def run_model_dir(path: Path) -> Path | None:
+    """A honed run directory (or its model/ folder) holds honed.json; return the model folder."""
+    for candidate in (path / "model", path):
+        if (candidate / HONED_MODEL_FILE).exists():
+            return candidate
+    return None
+
+
+def load_pretrained(source: str, labels: list[str], recipe=None) -> ModelBundle:
+    """Load the starting point of a fine-tune: 'wordllama', a honed run, or a Hugging Face checkpoint."""
+    if source == "wordllama":
+        return load_wordllama(labels, recipe)
+    path = Path(source)
+    if path.is_absolute() and not path.exists():
+        raise RecipeError(f"model: {source} does not exist; give a checkpoint folder, a Hub id, 'wordllama' or a honed run directory")
+    honed_dir = run_model_dir(path) if path.exists() else None
+    if honed_dir is not None:
+        bundle = load_saved(honed_dir)
+        return _relabel(bundle, labels)
+    return load_hf(source, labels, recipe)
+
+
+def _relabel(bundle: ModelBundle, labels: list[str]) -> ModelBundle:
+    """Starting from an earlier run with other classes: keep the backbone, give it a fresh head."""
+    if bundle.labels == labels:
+        return bundle
+    old = bundle.head()
+    new = nn.Linear(old.in_features, len(labels), bias=old.bias is not None)
+    parent_name, _, attr = bundle.head_name.rpartition(".")
+    parent = bundle.model.get_submodule(parent_name) if parent_name else bundle.model
+    setattr(parent, attr, new)
+    if bundle.family == "hf":
+        cfg = bundle.model.config
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {label: i for i, label in enumerate(labels)}
+    bundle.labels = labels
+    return bundle
+
+
+def load_saved(model_dir: str | Path) -> ModelBundle:
+    """Reload a model written by `save_model` (RUN_DIR/model)."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / HONED_MODEL_FILE
+    if not meta_path.exists():
+        raise RecipeError(f"{model_dir}: no {HONED_MODEL_FILE}; expected a honed run directory (one written by honed run)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        family = FAMILIES[meta["family"]]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise RecipeError(f"{meta_path}: not a valid honed model description ({exc})") from None
+    return family["reload"](model_dir, meta)
+
+
+def save_model(bundle: ModelBundle, model: nn.Module, out: Path, extra: dict | None = None) -> None:
+    """Write RUN_DIR/model: weights (safetensors), tokenizer and honed.json (labels, family, max_length)."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = {"family": bundle.family, "labels": bundle.labels, "source": bundle.source}
+    meta.update(FAMILIES[bundle.family]["save"](bundle, model, tmp) or {})
+    meta.update(extra or {})
+    (tmp / HONED_MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise RecipeError(f"model: {path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

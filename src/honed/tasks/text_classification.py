@@ -1,0 +1,178 @@
+"""Text classification: tokenise once, length-grouped batches with dynamic padding, loss,
+evaluation, cached backbone features and the linear probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from ..models.load import ModelBundle, logits_of
+from ..train.loop import Batches
+from ..train.precision import autocast
+
+MEGABATCH = 50  # batches per length-sorted pool, as in Hugging Face's group_by_length
+
+
+@dataclass
+class EncodedSplit:
+    """Token ids stored flat with offsets, so a batch is built with a few tensor copies."""
+
+    flat: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def encode(bundle: ModelBundle, texts: list[str], labels: list[str] | None, max_length: int) -> EncodedSplit:
+    """Tokenise once; texts longer than max_length are cut and counted (never silently)."""
+    ids = bundle.encode(list(texts), max_length + 1)
+    truncated = sum(len(x) > max_length for x in ids)
+    ids = [x[:max_length] if len(x) > max_length else x for x in ids]
+    ids = [x if len(x) else [bundle.pad_id] for x in ids]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    index = {label: i for i, label in enumerate(bundle.labels)}
+    y = torch.tensor([index[label] for label in labels], dtype=torch.long) if labels is not None else torch.full((len(ids),), -1)
+    return EncodedSplit(flat, offsets, lengths, y, truncated)
+
+
+def collate(split: EncodedSplit, indices, pad_id: int) -> dict:
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    lengths = split.lengths[idx]
+    width = int(lengths.max())
+    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    for row, i in enumerate(idx.tolist()):
+        start, end = int(split.offsets[i]), int(split.offsets[i + 1])
+        input_ids[row, : end - start] = split.flat[start:end]
+    attention_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": split.labels[idx]}
+
+
+def batch_plan(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """A shuffled epoch; with group_by_length, pools of 50 batches are sorted by length so
+    padding is small, and the batch order is shuffled again."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g)
+    if not group_by_length:
+        return [perm[i : i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+    pool = batch_size * MEGABATCH
+    batches = []
+    for start in range(0, len(perm), pool):
+        chunk = perm[start : start + pool]
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        batches.extend(chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size))
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def token_batches(split: EncodedSplit, batch_size: int, seed: int, pad_id: int, group_by_length: bool) -> Batches:
+    return Batches(
+        size=len(split),
+        plan=lambda epoch: batch_plan(split.lengths, batch_size, seed, epoch, group_by_length),
+        collate=lambda indices: collate(split, indices, pad_id),
+    )
+
+
+def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> Batches:
+    def plan(epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(labels), generator=g)
+        return [perm[i : i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+
+    return Batches(size=len(labels), plan=plan, collate=lambda idx: {"features": features[idx], "labels": labels[idx]})
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(logits_of(model, batch).float(), batch["labels"])
+
+
+def head_loss(head: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(head(batch["features"]).float(), batch["labels"])
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: EncodedSplit, pad_id: int, batch_size: int, precision: str, device) -> torch.Tensor:
+    """Logits in the split's order; batches are sorted by length so evaluation pads little."""
+    was_training = model.training
+    model.eval()
+    order = torch.argsort(split.lengths, descending=True, stable=True)
+    out = torch.empty((len(split), 0))
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate(split, idx, pad_id)
+        with autocast(precision, device):
+            logits = logits_of(model, {k: v.to(device) for k, v in batch.items()})
+        chunks.append(logits.float().cpu())
+    logits = torch.cat(chunks)
+    out = torch.empty_like(logits)
+    out[order] = logits
+    model.train(was_training)
+    return out
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    preds = logits.argmax(-1).numpy()
+    y = labels.numpy()
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float(accuracy_score(y, preds)),
+        "f1_macro": float(f1_score(y, preds, average="macro", zero_division=0)),
+    }
+
+
+@torch.no_grad()
+def extract_features(bundle: ModelBundle, model: nn.Module, split: EncodedSplit, batch_size: int, precision: str, device) -> torch.Tensor:
+    """The head's input for every example (the backbone's feature vector), in fp32."""
+    captured = []
+    head = model.get_submodule(bundle.head_name) if bundle.head_name in dict(model.named_modules()) else bundle.head()
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
+    try:
+        was_training = model.training
+        model.eval()
+        order = torch.argsort(split.lengths, descending=True, stable=True)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate(split, idx, bundle.pad_id)
+            with autocast(precision, device):
+                logits_of(model, {k: v.to(device) for k, v in batch.items()})
+        model.train(was_training)
+    finally:
+        handle.remove()
+    feats = torch.cat(captured)
+    out = torch.empty_like(feats)
+    out[order] = feats
+    return out
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x, val_y, test_x, test_y, seed: int) -> dict:
+    """Logistic regression on frozen features; C picked on validation. What the backbone knew."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x.numpy())
+    xs = [scaler.transform(x.numpy()) for x in (train_x, val_x, test_x)]
+    best = None
+    for c in (0.01, 0.1, 1.0):
+        clf = LogisticRegression(C=c, max_iter=500, random_state=seed)
+        clf.fit(xs[0], train_y.numpy())
+        score = accuracy_score(val_y.numpy(), clf.predict(xs[1]))
+        if best is None or score > best[0]:
+            best = (score, c, clf)
+    _, c, clf = best
+    proba = clf.predict_proba(xs[2])
+    logits = torch.tensor(np.log(np.clip(proba, 1e-12, 1.0)), dtype=torch.float32)
+    test = metrics_from_logits(logits, test_y)
+    val_logits = torch.tensor(np.log(np.clip(clf.predict_proba(xs[1]), 1e-12, 1.0)), dtype=torch.float32)
+    return {"test": test, "validation": metrics_from_logits(val_logits, val_y), "C": c, "test_predictions": proba.argmax(1)}

@@ -1,0 +1,236 @@
+"""The training loop: explicit, one screen of logic, task-agnostic.
+
+The task supplies batches (a deterministic plan of index lists per epoch, and a collate
+function), a loss function and an evaluation function; the loop does AdamW with warm-up and
+linear decay, accumulation, clipping, bf16 autocast, periodic evaluation with early stopping,
+checkpoints and resume, and restores the best weights at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import TrainingInterrupted
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .precision import autocast
+
+
+@dataclass
+class LoopConfig:
+    stage: str
+    epochs: int
+    lr: float
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float | None = 1.0
+    grad_accumulation: int = 1
+    eval_every: int = 50
+    patience: int | None = 3
+    precision: str = "fp32"
+    primary: str = "accuracy"  # key of the evaluation dict; higher is better
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class Batches:
+    """plan(epoch) → list of index lists (deterministic per epoch); collate(indices) → tensors."""
+
+    size: int
+    plan: Callable[[int], list[list[int]]]
+    collate: Callable[[list[int]], dict]
+
+
+@dataclass
+class Outcome:
+    history: list[dict]
+    best_step: int | None
+    best_metric: float | None
+    steps: int
+    train_seconds: float
+    samples_seen: int
+    stopped_early: bool
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases and norms (1-D tensors); fused where the build supports it."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextmanager
+def interrupt_flag():
+    """Ctrl-C / SIGTERM set a flag; the loop checkpoints at the next step and stops cleanly."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+    evaluate: Callable[[nn.Module], dict],
+    cfg: LoopConfig,
+    checkpointer: Checkpointer | None = None,
+    progress=None,
+    regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+    on_evaluation: Callable[[list[dict]], None] | None = None,
+) -> Outcome:
+    """Train `model` in place and leave it holding the best weights seen at an evaluation."""
+    optimizer = make_optimizer(model, cfg)
+    per_epoch = math.ceil(len(batches.plan(0)) / cfg.grad_accumulation)
+    total = per_epoch * cfg.epochs
+    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+    s = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
+         "history": [], "loss_sum": 0.0, "loss_count": 0, "samples": 0, "interval_samples": 0,
+         "train_seconds": 0.0, "stopped_early": False, "done": False}
+    best: dict[str, torch.Tensor] | None = None
+    ckpt_name = f"{cfg.stage}"
+    if checkpointer is not None and checkpointer.exists(ckpt_name):
+        tensors, saved, objects = checkpointer.load(ckpt_name)
+        load_trainable(model, tensors["weights"])
+        best = tensors.get("best")
+        optimizer.load_state_dict(objects["optimizer"])
+        scheduler.load_state_dict(objects["scheduler"])
+        set_rng_state(objects["rng"])
+        s.update(saved)
+        if s["done"]:
+            if best is not None:
+                load_trainable(model, best)
+            return _outcome(s)
+
+    def save_checkpoint() -> None:
+        if checkpointer is None:
+            return
+        tensors = {"weights": trainable_state(model)}
+        if best is not None:
+            tensors["best"] = best
+        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        checkpointer.save(ckpt_name, s["step"], tensors, s, objects)
+
+    if progress is not None:
+        progress.start(cfg.stage, total, s["step"])
+    model.train()
+    interval_start = time.perf_counter()
+    with interrupt_flag() as interrupted:
+        while s["epoch"] < cfg.epochs and not s["stopped_early"]:
+            plan = batches.plan(s["epoch"])
+            while s["batch"] < len(plan):
+                indices = plan[s["batch"]]
+                batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(indices).items()}
+                with autocast(cfg.precision, cfg.device):
+                    loss = loss_fn(model, batch)
+                    if regulariser is not None:
+                        loss = loss + regulariser(model)
+                (loss / cfg.grad_accumulation).backward()
+                s["loss_sum"] += float(loss.detach())
+                s["loss_count"] += 1
+                s["samples"] += len(indices)
+                s["interval_samples"] += len(indices)
+                s["batch"] += 1
+                if s["batch"] % cfg.grad_accumulation and s["batch"] < len(plan):
+                    continue
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                s["step"] += 1
+                last = s["step"] >= total
+                if progress is not None:
+                    progress.step(s["step"], s["loss_sum"] / max(1, s["loss_count"]))
+                if s["step"] % cfg.eval_every == 0 or last:
+                    elapsed = time.perf_counter() - interval_start
+                    s["train_seconds"] += elapsed
+                    record = {"stage": cfg.stage, "step": s["step"], "epoch": round(s["epoch"] + s["batch"] / len(plan), 3),
+                              "train_loss": s["loss_sum"] / max(1, s["loss_count"]), "lr": scheduler.get_last_lr()[0],
+                              "samples_per_s": s["interval_samples"] / max(elapsed, 1e-9)}
+                    metrics = evaluate(model)
+                    model.train()
+                    record.update(metrics)
+                    s["loss_sum"], s["loss_count"], s["interval_samples"] = 0.0, 0, 0
+                    value = metrics[f"val_{cfg.primary}"]
+                    if s["best_metric"] is None or value > s["best_metric"]:
+                        s["best_metric"], s["best_step"], s["bad_evals"] = value, s["step"], 0
+                        best = trainable_state(model)
+                    else:
+                        s["bad_evals"] += 1
+                        if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
+                            s["stopped_early"] = True
+                    s["history"].append(record)
+                    if on_evaluation is not None:
+                        on_evaluation(s["history"])
+                    if progress is not None:
+                        progress.evaluation(record, cfg.primary)
+                    save_checkpoint()
+                    interval_start = time.perf_counter()
+                if interrupted["set"]:
+                    s["train_seconds"] += time.perf_counter() - interval_start
+                    save_checkpoint()
+                    raise TrainingInterrupted("training interrupted; a checkpoint was saved")
+                if s["stopped_early"]:
+                    break
+            if not s["stopped_early"]:
+                s["epoch"] += 1
+                s["batch"] = 0
+    if progress is not None:
+        progress.finish()
+    if best is not None:
+        load_trainable(model, best)
+    s["done"] = True
+    save_checkpoint()
+    return _outcome(s)
+
+
+def _outcome(s: dict) -> Outcome:
+    return Outcome(history=s["history"], best_step=s["best_step"], best_metric=s["best_metric"], steps=s["step"],
+                   train_seconds=s["train_seconds"], samples_seen=s["samples"], stopped_early=s["stopped_early"])
