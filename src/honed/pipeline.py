@@ -55,7 +55,7 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
     ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
 }
-AUTO_HEAD_LR = 3e-3
+AUTO_HEAD_LR = 1e-2
 
 
 def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
@@ -190,7 +190,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     val_metrics = tc.metrics_from_logits(
         tc.predict_logits(model, encoded["validation"], bundle.pad_id, eval_bs, precision, dev), encoded["validation"].labels)
     model.cpu()
-    save_model(bundle, model, run_dir / "model", {"task": recipe.task, "max_length": max_len, "text_column": recipe.data.text})
+    save_model(bundle, model, run_dir / "model", {"task": recipe.task, "max_length": max_len, "text_column": recipe.data.text, "precision": precision})
     _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, bundle.labels)
 
     test_preds = test_logits.argmax(-1).numpy()
@@ -264,29 +264,46 @@ def _train_model(bundle, model, encoded, train_eval, recipe, precision, dev, eva
 
 
 def _train_head(bundle, model, features, encoded, train_eval_idx, recipe, precision, dev, checkpointer, progress, on_eval):
-    """Train only the final linear layer on cached backbone features: epochs cost almost nothing."""
+    """Train only the final linear layer on cached backbone features: epochs cost almost nothing.
+
+    The head trains on standardised features (so one learning rate suits every backbone's
+    feature scale) and the standardisation is then folded into the head's weights, so the
+    exported model needs no extra layer.
+    """
     t = recipe.train
     head = bundle.head()
     y = {k: v.labels for k, v in encoded.items()}
-    train_x_eval, train_y_eval = features["train"][train_eval_idx], y["train"][train_eval_idx]
+    mean = features["train"].mean(0)
+    std = features["train"].std(0).clamp(min=1e-6)
+    scaled = {k: (v - mean) / std for k, v in features.items()}
+    work = torch.nn.Linear(head.in_features, head.out_features, bias=True).to(dev)
+    with torch.no_grad():  # the same function as the current head, on standardised inputs
+        work.weight.copy_(head.weight * std.to(dev))
+        bias = head.bias if head.bias is not None else torch.zeros(head.out_features, device=dev)
+        work.bias.copy_(bias + head.weight @ mean.to(dev))
+    train_x_eval, train_y_eval = scaled["train"][train_eval_idx], y["train"][train_eval_idx]
 
     @torch.no_grad()
     def evaluate(h):
         out = {}
-        for prefix, x, yy in (("val", features["validation"], y["validation"]), ("train", train_x_eval, train_y_eval)):
+        for prefix, x, yy in (("val", scaled["validation"], y["validation"]), ("train", train_x_eval, train_y_eval)):
             logits = h(x.to(dev)).float().cpu()
             out.update({f"{prefix}_{k}": v for k, v in tc.metrics_from_logits(logits, yy).items()})
         out.pop("train_loss", None)
         return out
 
     batch_size = max(t.batch_size, 64)
-    batches = tc.feature_batches(features["train"], y["train"], batch_size, t.seed)
-    for p in head.parameters():
-        p.requires_grad_(True)
+    batches = tc.feature_batches(scaled["train"], y["train"], batch_size, t.seed)
     cfg = _loop_config(recipe, "head", t.head_epochs, t.head_lr, len(y["train"]), batch_size, "fp32", dev)
-    cfg.patience = max(t.patience or 5, 5)
-    cfg.weight_decay = 0.0
-    return train(head, batches, tc.head_loss, evaluate, cfg, checkpointer, progress, None, on_eval)
+    cfg.patience = max(t.patience or 10, 10)
+    cfg.checkpoint_evaluations = False  # a head stage takes seconds; redoing it is cheaper than saving it
+    outcome = train(work, batches, tc.head_loss, evaluate, cfg, checkpointer, progress, None, on_eval)
+    with torch.no_grad():
+        folded = work.weight / std.to(dev)
+        head.weight.copy_(folded)
+        if head.bias is not None:
+            head.bias.copy_(work.bias - folded @ mean.to(dev))
+    return outcome
 
 
 def _l2sp(model, bundle, recipe):

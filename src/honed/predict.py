@@ -31,7 +31,8 @@ def predict(run_dir: str | Path, input_path: str | Path, batch_size: int = 64) -
         raise DataError(f"INPUT: column '{column}' not found in {Path(input_path).name} (columns: {', '.join(map(str, frame.columns[:30]))}); the model was trained on '{column}'")
     bundle = load_saved(model_dir)
     dev = pick_device()
-    precision = resolve_precision("auto", dev)
+    # the precision the run was evaluated in, so predictions match predictions.csv
+    precision = resolve_precision(meta.get("precision", "auto"), dev)
     texts = frame[column].fillna("").astype(str).tolist()
     encoded = tc.encode(bundle, texts, None, int(meta.get("max_length", 128)))
     model = bundle.model.to(dev)

@@ -1,4 +1,4 @@
-"""LoRA (peft): low-rank adapters on every linear (and embedding) layer except the head.
+"""LoRA (peft): low-rank adapters on every linear layer except the head (embeddings when there are none).
 
 The head trains in full. On export the adapters are merged into the weights, so the saved
 model is a plain checkpoint its own library loads; `lora.keep_adapter` also keeps the adapter.
@@ -8,15 +8,16 @@ from torch import nn
 
 
 def target_modules(model: nn.Module, head_name: str) -> list[str]:
+    """Every linear layer outside the head; embeddings only for models that have no other layers (WordLlama)."""
     head_prefix = head_name.rpartition(".")[0] or head_name
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue
-        if name == head_name or (head_prefix != head_name and name.startswith(head_prefix + ".")):
-            continue  # the classification head trains in full
-        names.append(name)
-    return names
+
+    def outside_head(name: str) -> bool:
+        return name != head_name and not (head_prefix != head_name and name.startswith(head_prefix + "."))
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and outside_head(n)]
+    if linears:
+        return linears
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and outside_head(n)]
 
 
 def apply(model: nn.Module, bundle, recipe) -> nn.Module:

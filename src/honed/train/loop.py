@@ -36,6 +36,7 @@ class LoopConfig:
     patience: int | None = 3
     precision: str = "fp32"
     primary: str = "accuracy"  # key of the evaluation dict; higher is better
+    checkpoint_evaluations: bool = True  # False: only the end-of-stage state is saved (cheap stages)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -211,7 +212,8 @@ def train(
                         on_evaluation(s["history"])
                     if progress is not None:
                         progress.evaluation(record, cfg.primary)
-                    save_checkpoint()
+                    if cfg.checkpoint_evaluations:
+                        save_checkpoint()
                     interval_start = time.perf_counter()
                 if interrupted["set"]:
                     s["train_seconds"] += time.perf_counter() - interval_start

@@ -1,0 +1,1 @@
+"""The guards' pure math: forgetting, data sufficiency, bias, and the shared result shape."""
