@@ -70,7 +70,7 @@ def test_method_contract_tiny_bert(method, recipe_factory, tiny_bert, tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "head", "lora"])
 def test_method_contract_wordllama(method, text_csv, tmp_path):
-    from conftest import write_recipe
+    from helpers import write_recipe
 
     recipe = write_recipe(tmp_path, "wordllama", text_csv, method=method, **{"train.lr": 1e-2, "train.epochs": 3})
     result = honed.run(str(recipe), show_progress=False)

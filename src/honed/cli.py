@@ -17,7 +17,7 @@ from .errors import HonedError, RecipeError, TrainingInterrupted
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="honed: fine-tune a pre-trained model to your data, and measure whether to trust it.")
 out_console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
@@ -147,7 +147,9 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line `error: ...` and the documented exit code for every known failure."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns typer.Exit's code when not standalone
+            sys.exit(code)
     except HonedError as exc:
         if STATE["debug"]:
             traceback.print_exc()

@@ -156,6 +156,7 @@ def _quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars would garble the one-line error and the verdict
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -13,7 +13,7 @@ class TrainingProgress:
     """Shows step, loss, the latest validation metric and samples/s."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self._progress = None
