@@ -157,20 +157,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors from (typer's vendored) click, and anything unexpected
+        if type(exc).__name__ == "Abort":
             err_console.print("aborted")
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            ctx = getattr(exc, "ctx", None)
+            where = f"see '{ctx.command_path} --help'" if ctx is not None else "see 'honed --help'"
+            if message.strip():  # empty when the help was shown for a bare `honed`
+                err_console.print(f"error: {message.rstrip('.')}; {where}", markup=False, highlight=False)
             sys.exit(exc.exit_code)
         if STATE["debug"]:
             traceback.print_exc()
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         err_console.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and report it",
-                          markup=False, highlight=False, soft_wrap=True)
+                          markup=False, highlight=False)
         sys.exit(1)
 
 
