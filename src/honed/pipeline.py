@@ -1,40 +1,49 @@
-"""The pipeline: recipe → data → model → method → train → evaluate → run directory.
+"""The pipeline: recipe → data → model → method → train → evaluate → guards → run directory.
 
 `honed run` and `honed.run()` both call `run()`. Every stage is a plain function; this file
-only sequences them, so it can be read in one sitting.
+only sequences them. The fine-tuning itself (`fine_tune`) is reused by the guards that need
+more than one training run: seeds, the learning curve and the from-scratch baseline.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from .data.audit import audit_text_splits
-from .data.text import load_text_splits
-from .errors import RecipeError
+from .data.load import read_table
+from .data.text import TextSplits, label_to_str, load_text_splits
+from .errors import DataError, RecipeError
+from .guards import bias as bias_guard_mod
+from .guards import data_curve
+from .guards.forgetting import choose_interpolation_alpha, forgetting_guard, interpolate_state, linear_cka
 from .guards.overfit import overfitting_guard
-from .guards.status import skipped
+from .guards.status import guard_result, skipped
 from .methods import METHODS
-from .models.load import load_pretrained, save_model
+from .models.load import ModelBundle, load_pretrained, logits_of, save_model, scratch_copy
 from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import text_classification as tc
 from .train.checkpoint import Checkpointer, write_json_atomic
-from .train.loop import LoopConfig, load_trainable, train, trainable_state
+from .train.loop import LoopConfig, Outcome, train
 from .train.precision import device as pick_device
 from .train.precision import resolve_precision, set_threads
-from .train.progress import TrainingProgress
+from .train.progress import TrainingProgress, quiet
 
 PRIMARY_METRIC = "accuracy"
 TRAIN_EVAL_ROWS = 2000  # training rows scored at each evaluation, for the train/validation gap
+BASELINE_AUTO_SECONDS = 300  # `baseline: auto` trains the scratch model when fine-tuning took less than this
+DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
 @dataclass
@@ -48,6 +57,35 @@ class RunResult:
         return self.metrics[key]
 
 
+@dataclass
+class Context:
+    """Everything a fine-tune needs that does not change between seeds, fractions or baselines."""
+
+    recipe: Recipe
+    splits: TextSplits
+    bundle: ModelBundle
+    pristine: dict  # the pre-trained state dict, before any training
+    encoded: dict  # split name → EncodedSplit
+    features: dict  # split name → pre-trained features (the head's input)
+    precision: str
+    device: torch.device
+    eval_batch_size: int
+    train_eval_idx: torch.Tensor
+    reference: "Reference | None" = None
+    original_head: torch.nn.Module | None = None  # the source model's head, for the original task
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reference:
+    """Inputs from the model's original world; labels when the original task can be scored."""
+
+    name: str
+    encoded: tc.EncodedSplit
+    labels: torch.Tensor | None
+    on_validation: bool
+
+
 # --------------------------------------------------------------------------- resolution of `auto`
 
 AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
@@ -55,7 +93,7 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
     ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
 }
-AUTO_HEAD_LR = 1e-2
+AUTO_HEAD_LR = 1e-2  # on standardised features
 
 
 def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
@@ -94,6 +132,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (run_dir / "recipe.yaml").exists():
             raise RecipeError(f"--resume: {run_dir} is not a honed run directory (no recipe.yaml)")
         return
+    if resume and not exists:
+        raise RecipeError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
     if exists and not overwrite:
         raise RecipeError(f"out: run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, or --out for a new one")
     if exists and overwrite:
@@ -115,118 +155,121 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     os.replace(tmp, run_dir / "history.jsonl")
 
 
-# --------------------------------------------------------------------------- the pipeline
+# --------------------------------------------------------------------------- set-up
 
 def prepare(source, overrides=None):
-    """Recipe, data and audit: everything `honed check` does, without loading a model."""
+    """Recipe and data: everything `honed check` does, without loading a model."""
     recipe = load_recipe(source, overrides)
     splits = load_text_splits(recipe.data, recipe.train.seed)
+    if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
+        raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")
     return recipe, splits
 
 
-def run(source, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
-        overwrite: bool = False, show_progress: bool = True) -> RunResult:
-    """Fine-tune as the recipe says and write the run directory. Returns a RunResult."""
-    started = time.time()
-    recipe, splits = prepare(source, overrides)
-    if out is not None:
-        recipe.out = str(Path(out).resolve())
-    run_dir = default_run_dir(recipe, source).resolve()
-    recipe.out = str(run_dir)
-    seed = recipe.train.seed
+def main_seed(recipe: Recipe) -> int:
+    return recipe.train.seeds[0] if recipe.train.seeds else recipe.train.seed
+
+
+def setup(recipe: Recipe, splits: TextSplits) -> Context:
+    """Load the model, tokenise every split once, and cache the pre-trained features."""
+    seed = main_seed(recipe)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    threads = set_threads(recipe.train.threads)
     dev = pick_device()
-
     bundle = load_pretrained(recipe.model, splits.labels, recipe)
-    recipe = resolve_auto(recipe, bundle.family, len(splits.train))
+    resolve_auto(recipe, bundle.family, len(splits.train))
     precision = resolve_precision(recipe.train.precision, dev)
     max_len = recipe.data.max_length
     encoded = {name: tc.encode(bundle, frame["text"].tolist(), frame["label"].tolist(), max_len)
                for name, frame in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
-    audit = audit_text_splits(splits, {k: v.truncated for k, v in encoded.items()}, max_len)
-
-    prepare_run_dir(run_dir, resume, overwrite)
-    if resume and (run_dir / "recipe.yaml").exists():
-        check_resume_recipe(run_dir, recipe)
-    else:
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    write_json_atomic(run_dir / "audit.json", audit)
-
-    model = bundle.model.to(dev)
+    bundle.model.to(dev)
     eval_bs = max(32, 2 * recipe.train.batch_size)
-    progress = TrainingProgress(enabled=show_progress)
-
-    # what the backbone knew before fine-tuning: a linear probe on its frozen features
-    features = {name: tc.extract_features(bundle, model, split, eval_bs, precision, dev) for name, split in encoded.items()}
-    probe = tc.linear_probe(features["train"], encoded["train"].labels, features["validation"], encoded["validation"].labels,
-                            features["test"], encoded["test"].labels, seed)
-
+    features = {name: tc.extract_features(bundle, bundle.model, split, eval_bs, precision, dev) for name, split in encoded.items()}
     g = torch.Generator().manual_seed(seed)
     train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:TRAIN_EVAL_ROWS]
-    train_eval = _subset(encoded["train"], train_eval_idx)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
+    ctx = Context(recipe, splits, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
+                  encoded, features, precision, dev, eval_bs, train_eval_idx)
+    ctx.original_head, original_labels = _original_head(bundle)
+    ctx.reference = _load_reference(recipe, bundle, encoded, original_labels)
+    return ctx
+
+
+def _original_head(bundle: ModelBundle):
+    """The head the source model had for its own task (kept when honed gave it a new one)."""
+    original = getattr(bundle, "original_head", None)
+    # the same classes as the source model: its own head, as loaded, is the original one
+    module, labels = original if original is not None else (bundle.head(), list(bundle.labels))
+    module = copy.deepcopy(module).float()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, labels
+
+
+def _load_reference(recipe: Recipe, bundle: ModelBundle, encoded: dict, original_labels) -> Reference:
+    spec = recipe.reference
+    if spec is None:
+        return Reference("the validation inputs (no reference set given)", encoded["validation"], None, True)
+    frame = read_table(spec.data, "reference.data")
+    if spec.text not in frame.columns:
+        raise DataError(f"reference.text: column '{spec.text}' not found in {Path(spec.data).name} (columns: {', '.join(map(str, frame.columns[:30]))})")
+    labels = None
+    if spec.label is not None:
+        if spec.label not in frame.columns:
+            raise DataError(f"reference.label: column '{spec.label}' not found in {Path(spec.data).name} (columns: {', '.join(map(str, frame.columns[:30]))})")
+        if original_labels is None:
+            raise RecipeError("reference.label: the model has no original head to score its original task with; "
+                              "start from a honed run directory, or drop reference.label (drift is still measured)")
+        values = frame[spec.label].map(label_to_str)
+        unknown = sorted(set(values) - set(original_labels))
+        if unknown:
+            raise DataError(f"reference.label: labels {unknown[:5]} are not classes of the original model ({', '.join(original_labels[:20])})")
+        index = {label: i for i, label in enumerate(original_labels)}
+        labels = torch.tensor([index[v] for v in values], dtype=torch.long)
+    texts = frame[spec.text].fillna("").astype(str).tolist()
+    enc = tc.encode(bundle, texts, None, recipe.data.max_length)
+    return Reference(Path(spec.data).name, enc, labels, False)
+
+
+# --------------------------------------------------------------------------- one fine-tune
+
+def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, checkpointer: Checkpointer | None = None,
+              progress=None, on_history=None, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list[Outcome], list[dict]]:
+    """Train a fresh copy of the pre-trained model with the recipe's method; returns (model, outcomes, history).
+
+    train_idx restricts training to a subset (the learning curve); the validation split is always the same.
+    """
+    recipe = ctx.recipe
+    torch.manual_seed(seed)
+    if model is None:
+        model = copy.deepcopy(ctx.bundle.model)
+        model.load_state_dict(ctx.pristine)
+    bundle = _bundle_for(ctx.bundle, model)
+    train_split = ctx.encoded["train"] if train_idx is None else _subset(ctx.encoded["train"], train_idx)
+    train_features = ctx.features["train"] if train_idx is None else ctx.features["train"][train_idx]
+    eval_pool = torch.arange(len(train_split))[:TRAIN_EVAL_ROWS] if train_idx is not None else ctx.train_eval_idx
     history: list[dict] = []
     outcomes = []
     method = METHODS[recipe.method]
     for stage in method["stages"]:
         previous = list(history)
-        on_eval = lambda stage_history, previous=previous: write_history(run_dir, previous + stage_history)
+        on_eval = (lambda stage_history, previous=previous: on_history(previous + stage_history)) if on_history else None
         if stage == "head":
-            outcome = _train_head(bundle, model, features, encoded, train_eval_idx, recipe, precision, dev, checkpointer, progress, on_eval)
+            outcome = _train_head(ctx, bundle, train_features, train_split.labels, eval_pool, seed, checkpointer, progress, on_eval)
         else:
             model = method["prepare"](model, bundle, recipe)
-            outcome = _train_model(bundle, model, encoded, train_eval, recipe, precision, dev, eval_bs, checkpointer, progress, on_eval)
+            outcome = _train_model(ctx, bundle, model, train_split, _subset(train_split, eval_pool), seed, checkpointer, progress, on_eval)
         history[:] = previous + outcome.history
         outcomes.append(outcome)
-    write_history(run_dir, history)
     if method["export"] is not None:
         model = method["export"](model)
-
-    # the test split is touched once, here
-    test_logits = tc.predict_logits(model, encoded["test"], bundle.pad_id, eval_bs, precision, dev)
-    test_metrics = tc.metrics_from_logits(test_logits, encoded["test"].labels)
-    val_metrics = tc.metrics_from_logits(
-        tc.predict_logits(model, encoded["validation"], bundle.pad_id, eval_bs, precision, dev), encoded["validation"].labels)
-    model.cpu()
-    save_model(bundle, model, run_dir / "model", {"task": recipe.task, "max_length": max_len, "text_column": recipe.data.text, "precision": precision})
-    _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, bundle.labels)
-
-    test_preds = test_logits.argmax(-1).numpy()
-    best_step = outcomes[-1].best_step
-    guards = {
-        "overfitting": overfitting_guard(history, best_step, PRIMARY_METRIC, recipe.guards.overfitting.max_gap,
-                                         test_preds, len(bundle.labels)),
-        "forgetting": skipped("not measured yet in this version"),
-        "data": skipped("learning curve not requested (guards.data_curve: true)"),
-        "bias": skipped("no data.groups given"),
-        "baseline": skipped("not measured yet in this version"),
-    }
-    majority = float((encoded["test"].labels == torch.bincount(encoded["train"].labels).argmax()).float().mean())
-    train_seconds = sum(o.train_seconds for o in outcomes)
-    samples = sum(o.samples_seen for o in outcomes)
-    metrics = {
-        "task": recipe.task,
-        "primary_metric": PRIMARY_METRIC,
-        "test": test_metrics,
-        "validation": val_metrics,
-        "pretrained": {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
-        "majority": {"accuracy": majority},
-        "guards": guards,
-        "confusion_matrix": _confusion(encoded["test"].labels.numpy(), test_preds, bundle.labels),
-        "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
-                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": _peak_rss_mb(), "threads": threads,
-                   "precision": precision, "device": str(dev)},
-        "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model, "steps": sum(o.steps for o in outcomes),
-                "stopped_early": any(o.stopped_early for o in outcomes)},
-    }
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    _build_report(run_dir)
-    return RunResult(run_dir, metrics)
+    return model, outcomes, history
 
 
-# --------------------------------------------------------------------------- stages
+def _bundle_for(bundle: ModelBundle, model) -> ModelBundle:
+    clone = copy.copy(bundle)
+    clone.model = model
+    return clone
+
 
 def _subset(split: tc.EncodedSplit, idx: torch.Tensor) -> tc.EncodedSplit:
     ids = [split.flat[int(split.offsets[i]) : int(split.offsets[i + 1])] for i in idx.tolist()]
@@ -237,64 +280,71 @@ def _subset(split: tc.EncodedSplit, idx: torch.Tensor) -> tc.EncodedSplit:
     return tc.EncodedSplit(flat, offsets, lengths, split.labels[idx], 0)
 
 
-def _loop_config(recipe: Recipe, stage: str, epochs: int, lr: float, n_train: int, batch_size: int, precision, dev) -> LoopConfig:
-    t = recipe.train
+def _loop_config(ctx: Context, stage: str, epochs: int, lr: float, n_train: int, batch_size: int) -> LoopConfig:
+    t = ctx.recipe.train
     per_epoch = math.ceil(n_train / batch_size / t.grad_accumulation)
     eval_every = t.eval_every if stage == "model" else max(1, per_epoch)
     return LoopConfig(stage=stage, epochs=epochs, lr=lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                       grad_clip=t.grad_clip, grad_accumulation=t.grad_accumulation, eval_every=eval_every,
-                      patience=t.patience, precision=precision, primary=PRIMARY_METRIC, device=dev)
+                      patience=t.patience, precision=ctx.precision, primary=PRIMARY_METRIC, device=ctx.device)
 
 
-def _train_model(bundle, model, encoded, train_eval, recipe, precision, dev, eval_bs, checkpointer, progress, on_eval):
-    t = recipe.train
+def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval):
+    t = ctx.recipe.train
+    val = ctx.encoded["validation"]
 
     def evaluate(m):
         out = {}
-        for prefix, split in (("val", encoded["validation"]), ("train", train_eval)):
-            logits = tc.predict_logits(m, split, bundle.pad_id, eval_bs, precision, dev)
+        for prefix, split in (("val", val), ("train", train_eval)):
+            logits = tc.predict_logits(m, split, bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
             out.update({f"{prefix}_{k}": v for k, v in tc.metrics_from_logits(logits, split.labels).items()})
         out.pop("train_loss", None)  # the running training loss is the meaningful one
         return out
 
-    batches = tc.token_batches(encoded["train"], t.batch_size, t.seed, bundle.pad_id, t.group_by_length)
-    regulariser = _l2sp(model, bundle, recipe) if recipe.l2sp else None
-    cfg = _loop_config(recipe, "model", t.epochs, t.lr, len(encoded["train"]), t.batch_size, precision, dev)
-    return train(model, batches, tc.classification_loss, evaluate, cfg, checkpointer, progress, regulariser, on_eval)
+    batches = tc.token_batches(train_split, t.batch_size, seed, bundle.pad_id, t.group_by_length)
+    regulariser = _l2sp(model, bundle, ctx.recipe) if ctx.recipe.l2sp else None
+    loss_fn = tc.classification_loss
+    if ctx.recipe.replay is not None:
+        loss_fn = _with_replay(ctx, bundle, seed)
+    cfg = _loop_config(ctx, "model", t.epochs, t.lr, len(train_split), t.batch_size)
+    return train(model, batches, loss_fn, evaluate, cfg, checkpointer, progress, regulariser, on_eval)
 
 
-def _train_head(bundle, model, features, encoded, train_eval_idx, recipe, precision, dev, checkpointer, progress, on_eval):
+def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpointer, progress, on_eval):
     """Train only the final linear layer on cached backbone features: epochs cost almost nothing.
 
     The head trains on standardised features (so one learning rate suits every backbone's
     feature scale) and the standardisation is then folded into the head's weights, so the
     exported model needs no extra layer.
     """
-    t = recipe.train
-    head = bundle.head()
-    y = {k: v.labels for k, v in encoded.items()}
-    mean = features["train"].mean(0)
-    std = features["train"].std(0).clamp(min=1e-6)
-    scaled = {k: (v - mean) / std for k, v in features.items()}
+    t = ctx.recipe.train
+    dev = ctx.device
+    head = bundle.model.get_submodule(bundle.head_name)
+    mean = train_x.mean(0)
+    std = train_x.std(0).clamp(min=1e-6) if len(train_x) > 1 else torch.ones_like(mean)
+    scale = lambda x: (x - mean) / std  # noqa: E731
     work = torch.nn.Linear(head.in_features, head.out_features, bias=True).to(dev)
     with torch.no_grad():  # the same function as the current head, on standardised inputs
         work.weight.copy_(head.weight * std.to(dev))
         bias = head.bias if head.bias is not None else torch.zeros(head.out_features, device=dev)
         work.bias.copy_(bias + head.weight @ mean.to(dev))
-    train_x_eval, train_y_eval = scaled["train"][train_eval_idx], y["train"][train_eval_idx]
+    train_scaled = scale(train_x)
+    val_scaled, val_y = scale(ctx.features["validation"]), ctx.encoded["validation"].labels
+    eval_x, eval_y = train_scaled[eval_pool], train_y[eval_pool]
 
     @torch.no_grad()
     def evaluate(h):
         out = {}
-        for prefix, x, yy in (("val", scaled["validation"], y["validation"]), ("train", train_x_eval, train_y_eval)):
+        for prefix, x, yy in (("val", val_scaled, val_y), ("train", eval_x, eval_y)):
             logits = h(x.to(dev)).float().cpu()
             out.update({f"{prefix}_{k}": v for k, v in tc.metrics_from_logits(logits, yy).items()})
         out.pop("train_loss", None)
         return out
 
     batch_size = max(t.batch_size, 64)
-    batches = tc.feature_batches(scaled["train"], y["train"], batch_size, t.seed)
-    cfg = _loop_config(recipe, "head", t.head_epochs, t.head_lr, len(y["train"]), batch_size, "fp32", dev)
+    batches = tc.feature_batches(train_scaled, train_y, batch_size, seed)
+    cfg = _loop_config(ctx, "head", t.head_epochs, t.head_lr, len(train_y), batch_size)
+    cfg.precision = "fp32"
     cfg.patience = max(t.patience or 10, 10)
     cfg.checkpoint_evaluations = False  # a head stage takes seconds; redoing it is cheaper than saving it
     outcome = train(work, batches, tc.head_loss, evaluate, cfg, checkpointer, progress, None, on_eval)
@@ -309,9 +359,10 @@ def _train_head(bundle, model, features, encoded, train_eval_idx, recipe, precis
 def _l2sp(model, bundle, recipe):
     """L2-SP (Li et al. 2018): α/2‖w − w⁰‖² on pre-trained weights + β/2‖w_head‖² on the new head."""
     alpha, beta = recipe.l2sp.alpha, recipe.l2sp.beta
-    head_params = {id(p) for p in bundle.head().parameters()}
+    head_module = model.get_submodule(bundle.head_name) if bundle.head_name in dict(model.named_modules()) else bundle.head()
+    head_params = {id(p) for p in head_module.parameters()}
     anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad and id(p) not in head_params]
-    head = [p for p in bundle.head().parameters() if p.requires_grad]
+    head = [p for p in head_module.parameters() if p.requires_grad]
 
     def penalty(m):
         total = sum(((p - p0) ** 2).sum() for p, p0 in anchors) * (alpha / 2)
@@ -320,6 +371,276 @@ def _l2sp(model, bundle, recipe):
         return total
 
     return penalty
+
+
+def _with_replay(ctx: Context, bundle, seed: int):
+    """Mix reference batches, scored by the original head, into every step (experience replay).
+
+    The replay rows for a step are drawn from a generator seeded by the step's own batch, so a
+    resumed run replays exactly what the uninterrupted run would have.
+    """
+    ref = ctx.reference
+    spec = ctx.recipe.replay
+    head_name = bundle.head_name
+    original = ctx.original_head.to(ctx.device)
+    per_step = max(1, round(spec.fraction * ctx.recipe.train.batch_size))
+
+    def loss_fn(model, batch):
+        base = tc.classification_loss(model, batch)
+        g = torch.Generator().manual_seed(seed * 7919 + int(batch["input_ids"].sum()))
+        idx = torch.randint(len(ref.encoded), (per_step,), generator=g)
+        replay_batch = {k: v.to(ctx.device) for k, v in tc.collate(ref.encoded, idx, bundle.pad_id).items()}
+        captured = []
+        head = dict(model.named_modules()).get(head_name) or next(m for n, m in model.named_modules() if n.endswith(head_name))
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            logits_of(model, replay_batch)
+        finally:
+            handle.remove()
+        replay = F.cross_entropy(original(captured[-1]).float(), ref.labels[idx].to(ctx.device))
+        return base + spec.weight * replay
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(source, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
+        overwrite: bool = False, show_progress: bool = True) -> RunResult:
+    """Fine-tune as the recipe says, measure the guards, and write the run directory."""
+    started = time.time()
+    recipe, splits = prepare(source, overrides)
+    if out is not None:
+        recipe.out = str(Path(out).resolve())
+    run_dir = default_run_dir(recipe, source).resolve()
+    recipe.out = str(run_dir)
+    threads = set_threads(recipe.train.threads)
+    ctx = setup(recipe, splits)
+    audit = audit_text_splits(splits, {k: v.truncated for k, v in ctx.encoded.items()}, recipe.data.max_length)
+    if recipe.data.groups:
+        audit["groups"] = bias_guard_mod.group_representation(splits.train, recipe.data.groups, "label", recipe.guards.min_group_size)
+
+    prepare_run_dir(run_dir, resume, overwrite)
+    if resume and (run_dir / "recipe.yaml").exists():
+        check_resume_recipe(run_dir, recipe)
+    else:
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_json_atomic(run_dir / "audit.json", audit)
+
+    seed = main_seed(recipe)
+    probe = tc.linear_probe(ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
+                            ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
+    progress = TrainingProgress(enabled=show_progress)
+    model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
+                                         on_history=lambda h: write_history(run_dir, h))
+    write_history(run_dir, history)
+    train_seconds = sum(o.train_seconds for o in outcomes)
+
+    forgetting, model = _forgetting(ctx, model, progress)
+    val_metrics = _evaluate(ctx, model, "validation")
+    test_logits = _logits(ctx, model, ctx.encoded["test"])  # the test split is touched once, here
+    test_metrics = tc.metrics_from_logits(test_logits, ctx.encoded["test"].labels)
+    test_preds = test_logits.argmax(-1).numpy()
+    model.cpu()
+    save_model(ctx.bundle, model, run_dir / "model", {"task": recipe.task, "max_length": recipe.data.max_length,
+                                                     "text_column": recipe.data.text, "precision": ctx.precision})
+    _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels)
+    model.to(ctx.device)
+
+    seeds = {seed: test_metrics[PRIMARY_METRIC]}
+    for extra_seed in (recipe.train.seeds or [])[1:]:
+        _say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
+        other, _, _ = fine_tune(ctx, extra_seed, progress=quiet())
+        seeds[extra_seed] = tc.metrics_from_logits(_logits(ctx, other, ctx.encoded["test"]), ctx.encoded["test"].labels)[PRIMARY_METRIC]
+    majority = float((ctx.encoded["test"].labels == torch.bincount(ctx.encoded["train"].labels).argmax()).float().mean())
+    guards = {
+        "overfitting": overfitting_guard(history, outcomes[-1].best_step, PRIMARY_METRIC, recipe.guards.overfitting.max_gap,
+                                         test_preds, len(ctx.bundle.labels), seeds if len(seeds) > 1 else None),
+        "forgetting": forgetting,
+        "data": _data_guard(ctx, history, show_progress),
+        "bias": _bias(ctx, test_preds, probe["test_predictions"]),
+        "baseline": _baseline(ctx, test_metrics, probe, majority, train_seconds, show_progress),
+    }
+    samples = sum(o.samples_seen for o in outcomes)
+    metrics = {
+        "task": recipe.task,
+        "primary_metric": PRIMARY_METRIC,
+        "test": test_metrics,
+        "validation": val_metrics,
+        "pretrained": {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
+        "majority": {"accuracy": majority},
+        "seeds": {str(k): v for k, v in seeds.items()},
+        "guards": guards,
+        "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels),
+        "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
+                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": _peak_rss_mb(), "threads": threads,
+                   "precision": ctx.precision, "device": str(ctx.device)},
+        "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model, "steps": sum(o.steps for o in outcomes),
+                "stopped_early": any(o.stopped_early for o in outcomes), "seed": seed},
+    }
+    if guards["overfitting"]["details"].get("seeds"):
+        metrics["guards"]["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    _build_report(run_dir)
+    return RunResult(run_dir, metrics)
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[dim]{text}[/dim]")
+
+
+def _logits(ctx: Context, model, split) -> torch.Tensor:
+    return tc.predict_logits(model, split, ctx.bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
+
+
+def _evaluate(ctx: Context, model, name: str) -> dict:
+    return tc.metrics_from_logits(_logits(ctx, model, ctx.encoded[name]), ctx.encoded[name].labels)
+
+
+# --------------------------------------------------------------------------- guards that need the engine
+
+def _features(ctx: Context, model, split) -> torch.Tensor:
+    return tc.extract_features(_bundle_for(ctx.bundle, model), model, split, ctx.eval_batch_size, ctx.precision, ctx.device)
+
+
+def _original_task_metric(ctx: Context, features: torch.Tensor) -> float | None:
+    ref = ctx.reference
+    if ref.labels is None or ctx.original_head is None:
+        return None
+    with torch.no_grad():
+        logits = ctx.original_head.to(features.device)(features)
+    return float((logits.argmax(-1).cpu() == ref.labels).float().mean())
+
+
+def _forgetting(ctx: Context, model, progress) -> tuple[dict, torch.nn.Module]:
+    """Retention of the original task and representation drift on the reference inputs; with
+    `interpolate`, the WiSE-FT sweep and the exported weights at the chosen α."""
+    recipe, ref = ctx.recipe, ctx.reference
+    pristine = copy.deepcopy(model)
+    pristine.load_state_dict({k: v for k, v in ctx.pristine.items() if k in pristine.state_dict()}, strict=False)
+    before = ctx.features["validation"] if ref.on_validation else _features(ctx, pristine, ref.encoded)
+    after = _features(ctx, model, ref.encoded)
+    metric_before = _original_task_metric(ctx, before)
+    metric_after = _original_task_metric(ctx, after)
+    retention = metric_after / metric_before if metric_before else None
+    floor, cka_floor = recipe.guards.forgetting.floor, recipe.guards.forgetting.cka_floor
+    sweep, chosen = None, None
+    if recipe.interpolate:
+        alphas = DEFAULT_ALPHAS if recipe.interpolate is True else sorted(recipe.interpolate)
+        sweep, chosen, model = _interpolation_sweep(ctx, model, alphas, metric_before, floor)
+        after = _features(ctx, model, ref.encoded)
+        metric_after = _original_task_metric(ctx, after)
+        retention = metric_after / metric_before if metric_before else None
+    cka = linear_cka(before, after)
+    guard = forgetting_guard(reference=ref.name, retention=retention, cka=cka, interpolation=sweep, chosen_alpha=chosen,
+                             retention_floor=floor, cka_floor=cka_floor, measured_on_validation=ref.on_validation)
+    guard["details"].update({"original_metric_before": metric_before, "original_metric_after": metric_after})
+    return guard, model
+
+
+def _interpolation_sweep(ctx: Context, model, alphas, metric_before, floor):
+    """WiSE-FT: θ_α = (1−α)θ⁰ + αθ_ft for the backbone (the new head always from θ_ft)."""
+    head_prefix = ctx.bundle.head_name + "."
+    theta_ft = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    theta0 = {k: v for k, v in ctx.pristine.items() if not k.startswith(head_prefix)}
+    sweep = []
+    for alpha in alphas:
+        model.load_state_dict(interpolate_state(theta0, theta_ft, alpha))
+        val = _evaluate(ctx, model, "validation")[PRIMARY_METRIC]
+        after = _original_task_metric(ctx, _features(ctx, model, ctx.reference.encoded))
+        retention = after / metric_before if (after is not None and metric_before) else None
+        sweep.append({"alpha": alpha, "metric": val, "retention": retention})
+    chosen = choose_interpolation_alpha(sweep, floor)
+    model.load_state_dict(interpolate_state(theta0, theta_ft, chosen))
+    return sweep, chosen, model
+
+
+def nested_fractions(labels: torch.Tensor, fractions: list[float], seed: int) -> list[torch.Tensor]:
+    """Nested, stratified subsets: every class keeps its share, and each subset contains the smaller ones."""
+    g = torch.Generator().manual_seed(seed + 17)
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in
+                 (torch.nonzero(labels == c).flatten() for c in torch.unique(labels))]
+    subsets = []
+    for fraction in fractions:
+        parts = [idx[: max(1, math.ceil(fraction * len(idx)))] for idx in per_class]
+        subsets.append(torch.sort(torch.cat(parts)).values)
+    return subsets
+
+
+def learning_curve(ctx: Context, show_progress: bool = False, full_score: float | None = None) -> dict:
+    """Fine-tune on nested fractions of the training set; each scored on the same validation split."""
+    recipe = ctx.recipe
+    fractions = sorted(recipe.guards.curve_fractions)
+    subsets = nested_fractions(ctx.encoded["train"].labels, fractions, main_seed(recipe))
+    scores = []
+    for fraction, idx in zip(fractions, subsets):
+        if fraction == 1.0 and full_score is not None:
+            scores.append(full_score)
+            continue
+        _say(show_progress, f"learning curve: {fraction:.0%} of the training data ({len(idx)} rows)")
+        model, _, _ = fine_tune(ctx, main_seed(recipe), train_idx=idx, progress=quiet())
+        scores.append(_evaluate(ctx, model, "validation")[PRIMARY_METRIC])
+    details = data_curve.data_sufficiency(fractions, len(ctx.encoded["train"]), scores, metric=PRIMARY_METRIC,
+                                          target=recipe.guards.target, epsilon=recipe.guards.epsilon)
+    details["n"] = [len(idx) for idx in subsets]
+    return details
+
+
+def _data_guard(ctx: Context, history: list[dict], show_progress: bool) -> dict:
+    counts = {str(ctx.bundle.labels[i]): int(c) for i, c in enumerate(torch.bincount(ctx.encoded["train"].labels, minlength=len(ctx.bundle.labels)))}
+    if not ctx.recipe.guards.data_curve:
+        guard = data_curve.data_guard({}, counts, ctx.recipe.guards.min_per_class)
+        guard["summary"] += " (learning curve not run: set guards.data_curve: true)"
+        return guard
+    best = max((h[f"val_{PRIMARY_METRIC}"] for h in history), default=None)
+    details = learning_curve(ctx, show_progress, full_score=best)
+    return data_curve.data_guard(details, counts, ctx.recipe.guards.min_per_class)
+
+
+def _bias(ctx: Context, test_preds: np.ndarray, probe_preds: np.ndarray) -> dict:
+    groups = ctx.recipe.data.groups
+    if not groups:
+        return skipped("no data.groups given; name the columns to check, e.g. data.groups: [region]")
+    labels = ctx.bundle.labels
+    test = ctx.splits.test
+    y_true = test["label"].to_numpy()
+    after = bias_guard_mod.group_metrics(y_true, np.array([labels[i] for i in test_preds]), test[groups], labels)
+    before = bias_guard_mod.group_metrics(y_true, np.array([labels[i] for i in probe_preds]), test[groups], labels)
+    representation = bias_guard_mod.group_representation(ctx.splits.train, groups, "label", ctx.recipe.guards.min_group_size)
+    return bias_guard_mod.bias_guard(after, before, representation, ctx.recipe.guards.bias_threshold)
+
+
+def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, train_seconds: float, show_progress: bool) -> dict:
+    """The same architecture from random initialisation with the same budget: what pre-training bought."""
+    wanted = ctx.recipe.guards.baseline
+    fine_tuned = test_metrics[PRIMARY_METRIC]
+    details = {"scratch": None, "linear_probe": probe["test"][PRIMARY_METRIC], "majority": majority, "fine_tuned": fine_tuned}
+    run_it = wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS)
+    if run_it:
+        _say(show_progress, "baseline: training the same architecture from random initialisation")
+        scratch = scratch_copy(ctx.bundle).to(ctx.device)
+        scratch_ctx = copy.copy(ctx)
+        scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
+        scratch_ctx.recipe.method = "full"
+        scratch_ctx.recipe.replay = None
+        scratch_ctx.recipe.l2sp = None
+        trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch)
+        details["scratch"] = tc.metrics_from_logits(_logits(ctx, trained, ctx.encoded["test"]), ctx.encoded["test"].labels)[PRIMARY_METRIC]
+    problems = []
+    if fine_tuned <= majority + 0.01:
+        problems.append(f"the fine-tuned model ({fine_tuned:.3f}) is no better than always predicting the majority class ({majority:.3f})")
+    if details["scratch"] is not None and details["scratch"] >= fine_tuned - 0.005:
+        problems.append(f"the same model trained from scratch scores {details['scratch']:.3f} against {fine_tuned:.3f}: pre-training bought nothing here")
+    if problems:
+        return guard_result("warn", "; ".join(problems).capitalize() + ".", details)
+    parts = [f"Fine-tuned {PRIMARY_METRIC} {fine_tuned:.3f}", f"majority class {majority:.3f}", f"linear probe {details['linear_probe']:.3f}"]
+    if details["scratch"] is not None:
+        parts.append(f"from scratch {details['scratch']:.3f}")
+        return guard_result("ok", ", ".join(parts) + ": pre-training and fine-tuning both pay.", details)
+    return guard_result("ok", ", ".join(parts) + " (from-scratch baseline not run: set guards.baseline: true).", details)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -347,8 +668,6 @@ def _peak_rss_mb() -> float:
 
 
 def _build_report(run_dir: Path) -> None:
-    try:
-        from .report import build_report
-    except ImportError:
-        return
+    from .report import build_report
+
     build_report(run_dir)

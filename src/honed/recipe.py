@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -84,9 +84,19 @@ class ForgettingSpec(Strict):
 class GuardsSpec(Strict):
     overfitting: OverfitSpec = Field(default_factory=OverfitSpec)
     forgetting: ForgettingSpec = Field(default_factory=ForgettingSpec)
-    data_curve: bool = False
+    data_curve: bool = False  # fine-tune on nested fractions of the training data (the learning curve)
+    curve_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.4, 0.7, 1.0], min_length=3)
+    target: float | None = None  # the metric the user needs; the curve estimates the data it takes
+    epsilon: float = Field(0.01, gt=0)  # "within ε of the full-data score" means more data no longer pays
+    min_per_class: int = Field(20, ge=1)
+    min_group_size: int = Field(30, ge=1)
     bias_threshold: float = Field(0.1, ge=0, le=1)
     baseline: bool | Literal["auto"] = "auto"
+
+
+class ReplaySpec(Strict):
+    fraction: float = Field(0.25, gt=0, le=1)  # reference rows per step, as a fraction of the batch size
+    weight: float = Field(1.0, gt=0)
 
 
 class ReferenceSpec(Strict):
@@ -103,6 +113,8 @@ class Recipe(Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     l2sp: L2SPSpec | None = None
+    replay: ReplaySpec | None = None
+    interpolate: bool | list[float] = False  # WiSE-FT sweep: true → α ∈ {0, 0.1, …, 1}; or a list of α
     train: TrainSpec = Field(default_factory=TrainSpec)
     guards: GuardsSpec = Field(default_factory=GuardsSpec)
     reference: ReferenceSpec | None = None
@@ -113,18 +125,54 @@ class Recipe(Strict):
     base_dir: str | None = Field(None, exclude=True)
 
 
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The recipe section class inside an annotation such as `L2SPSpec | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _key_of(loc: tuple) -> str:
+    """The recipe key of a pydantic error location, without union-member tags such as 'int' or "literal['auto']"."""
+    key, model = "", Recipe
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif model is not None:
+            key += f".{part}" if key else str(part)
+            field = model.model_fields.get(part)
+            model = _submodel(field.annotation) if field is not None else None
+        # else: a union member's tag below a plain value: not part of the key
+    return key or "recipe"
+
+
+def _expected(msg: str) -> str:
+    msg = msg.split(", unable to")[0]
+    if msg.startswith("Input should be a valid dictionary"):
+        msg = "Input should be a section of keys"
+    return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg[:1].lower() + msg[1:]
+
+
 def _validation_message(exc: ValidationError) -> str:
     """Turn pydantic's report into one line naming the key, what was expected and what was found."""
-    parts = []
+    by_key: dict[str, list[dict]] = {}
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        found = err.get("input")
-        if err["type"] == "extra_forbidden":
+        by_key.setdefault(_key_of(err["loc"]), []).append(err)
+    parts = []
+    for where, errs in by_key.items():
+        types = {e["type"] for e in errs}
+        if "extra_forbidden" in types:
             parts.append(f"{where}: unknown key (check the spelling; see `honed run --help` and the README's recipe keys)")
-        elif err["type"] == "missing":
+        elif "missing" in types:
             parts.append(f"{where}: required key is missing")
         else:
-            parts.append(f"{where}: {err['msg'].lower()}, got {found!r}")
+            expected = " or ".join(dict.fromkeys(_expected(e["msg"]) for e in errs))
+            should = "should be " if all(e["msg"].startswith("Input should be ") for e in errs) else ""
+            parts.append(f"{where}: {should}{expected}, got {errs[0].get('input')!r}")
     return "; ".join(parts)
 
 
@@ -138,7 +186,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"-s {text}: the value is not valid YAML ({exc.problem})") from None
+        raise RecipeError(f"-s {text}: the value {_yaml_problem(exc)}") from None
     return key.strip().split("."), value
 
 
@@ -157,6 +205,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc)
+    tag = re.search(r"constructor for the tag '([^']+)'", problem)
+    if tag:  # e.g. !!python/object/apply:os.system: safe_load refuses to construct (or run) it
+        return f"uses the YAML tag '{tag.group(1).replace('tag:yaml.org,2002:', '!!')}'; recipes hold plain values only, remove the tag"
+    return f"is not valid YAML: {problem}"
+
+
 def read_yaml(path: Path) -> dict:
     """Read a recipe file with yaml.safe_load: tags that construct Python objects are refused."""
     if not path.exists():
@@ -172,7 +228,9 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"recipe: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"recipe: {path}{where} {_yaml_problem(exc)}") from None
+    if raw is None:
+        raise RecipeError(f"recipe: {path} is empty; expected keys such as task, model and data")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe: {path} must be a mapping of keys (task, model, data, ...), got {type(raw).__name__}")
     return raw

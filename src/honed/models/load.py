@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +37,7 @@ class ModelBundle:
     labels: list[str]
     source: str
     tokenizer: object = None
+    original_head: tuple | None = None  # (module, labels) of the source model's own task, when replaced
 
     def head(self) -> nn.Linear:
         return self.model.get_submodule(self.head_name)
@@ -56,6 +58,16 @@ def find_head_name(model: nn.Module, num_labels: int) -> str:
     if name is None:
         raise RecipeError(f"model: no linear classification layer with {num_labels} outputs found; is this a sequence-classification model?")
     return name
+
+
+CHARS_PER_TOKEN_CAP = 64  # far above any tokenizer's average on real text (English: ~4)
+
+
+def _clip(texts: list[str], max_length: int) -> list[str]:
+    """Cut each text to what max_length tokens could cover before tokenising: tokenizers read the
+    whole text even when truncating, so one 10 MB text would otherwise take seconds."""
+    limit = max_length * CHARS_PER_TOKEN_CAP
+    return [t if len(t) <= limit else t[:limit] for t in texts]
 
 
 # --------------------------------------------------------------------------- wordllama
@@ -98,7 +110,7 @@ def _wordllama_encoder(tokenizer_path: Path):
 
     def encode(texts: list[str], max_length: int) -> list[list[int]]:
         tokenizer.enable_truncation(max_length)
-        return [e.ids for e in tokenizer.encode_batch(list(texts))]
+        return [e.ids for e in tokenizer.encode_batch(_clip(texts, max_length))]
 
     pad = tokenizer.token_to_id("</s>")
     return tokenizer, encode, (pad if pad is not None else 0)
@@ -150,6 +162,14 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise RecipeError(f"model: {path} has a config.json but no weights (*.safetensors)")
+    for weights in sorted(path.glob("*.safetensors")):
+        try:  # reads only the header, which also checks the file is as long as the header says
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as exc:
+            raise RecipeError(
+                f"model: {weights} is damaged or incomplete ({str(exc).splitlines()[0][:160]}); copy or download it again"
+            ) from None
 
 
 def _quiet_transformers() -> None:
@@ -162,7 +182,7 @@ def _quiet_transformers() -> None:
 
 def _hf_encoder(tokenizer):
     def encode(texts: list[str], max_length: int) -> list[list[int]]:
-        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        return tokenizer(_clip(texts, max_length), truncation=True, max_length=max_length)["input_ids"]
 
     return encode
 
@@ -174,6 +194,10 @@ def _hf_tokenizer(source: str, trust_remote_code: bool):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise RecipeError(f"model: could not load a tokenizer from {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        # transformers builds an empty tokenizer when the vocabulary files are missing: every word would be [UNK]
+        raise RecipeError(f"model: the tokenizer in {source} has no vocabulary (tokenizer.json or vocab files missing); "
+                          "save the tokenizer beside the model with tokenizer.save_pretrained")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise RecipeError(f"model: the tokenizer in {source} has neither a pad nor an eos token")
@@ -189,25 +213,34 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     trust = bool(recipe and recipe.trust_remote_code)
     allow_pickle = bool(recipe and recipe.allow_pickle)
     local = Path(source)
-    if local.is_absolute() or local.exists():
+    is_local = local.is_absolute() or local.exists()
+    if is_local:
         _check_hf_dir(local, allow_pickle)
-    tokenizer = _hf_tokenizer(source, trust)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     except Exception as exc:
+        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        if is_local:
+            raise RecipeError(f"model: {local / 'config.json'} cannot be used ({first}); give a Hugging Face checkpoint folder") from None
         raise RecipeError(
             f"model: '{source}' is neither a local checkpoint folder nor a Hub id that could be reached "
-            f"({type(exc).__name__}); give a folder with config.json, 'wordllama', or a honed run directory"
+            f"({type(exc).__name__}: {first}); give a folder with config.json, 'wordllama', or a honed run directory"
         ) from None
+    if not _is_sequence_classifier(config, trust):
+        raise RecipeError(
+            f"model: {source} is a '{config.model_type}' model ({type(config).__name__}), which cannot be loaded as a sequence "
+            "classifier; choose a text model such as BERT, RoBERTa or Llama"
+        )
+    tokenizer = _hf_tokenizer(source, trust)
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
-    if config.pad_token_id is None:
+    if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, trust_remote_code=trust, use_safetensors=None if allow_pickle else True,
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True, output_loading_info=True,
         )
     except ValueError as exc:
         first = str(exc).splitlines()[0][:240]
@@ -217,7 +250,27 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
         raise RecipeError(f"model: the weights in {source} could not be loaded ({first})") from None
     model.float()
     head = find_head_name(model, len(labels))
+    _refuse_mismatched(source, info.get("mismatched_keys", []), head)
     return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, head, labels, source, tokenizer)
+
+
+def _refuse_mismatched(source: str, mismatched, head: str) -> None:
+    """ignore_mismatched_sizes lets a new head replace the checkpoint's; any other tensor whose
+    shape disagrees with config.json would be silently re-initialised, i.e. not pre-trained at all."""
+    backbone = [m for m in mismatched if not m[0].startswith(head + ".")]
+    if backbone:
+        key, in_file, in_config = backbone[0]
+        raise RecipeError(
+            f"model: the weights in {source} do not match its config.json ({len(backbone)} tensor(s) differ in shape, e.g. "
+            f"{key}: {list(in_file)} in the weights, {list(in_config)} by config.json); use the config.json saved with these weights"
+        )
+
+
+def _is_sequence_classifier(config, trust_remote_code: bool) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    remote = trust_remote_code and "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    return remote or type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 
 def save_hf(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
@@ -276,6 +329,7 @@ def _relabel(bundle: ModelBundle, labels: list[str]) -> ModelBundle:
     if bundle.labels == labels:
         return bundle
     old = bundle.head()
+    bundle.original_head = (old, list(bundle.labels))  # kept to score the original task (forgetting, replay)
     new = nn.Linear(old.in_features, len(labels), bias=old.bias is not None)
     parent_name, _, attr = bundle.head_name.rpartition(".")
     parent = bundle.model.get_submodule(parent_name) if parent_name else bundle.model
@@ -331,3 +385,16 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def scratch_copy(bundle: ModelBundle) -> nn.Module:
+    """The same architecture with fresh random weights: the from-scratch baseline."""
+    model = bundle.model
+    if bundle.family == "hf":
+        from transformers import AutoModelForSequenceClassification
+
+        fresh = AutoModelForSequenceClassification.from_config(model.config)
+    else:
+        dims = model.embedding.weight.shape
+        fresh = WordLlamaClassifier(int(dims[0]), int(dims[1]), len(bundle.labels))
+    return fresh.float()
