@@ -63,6 +63,8 @@ def run(
     """Fine-tune: writes a run directory and prints a short verdict table."""
     from .pipeline import run as run_pipeline
 
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite: choose one (--resume continues the run, --overwrite deletes it and starts again)")
     try:
         result = run_pipeline(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
     except TrainingInterrupted:
@@ -118,14 +120,96 @@ def predict(
 
 
 @app.command()
+def curve(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. -s guards.curve_fractions=[0.25,0.5,1.0]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures as JSON to this file."),
+):
+    """Learning curve: fine-tune on growing fractions of the data and say whether more data would pay."""
+    from .pipeline import curve as run_curve
+
+    if out is not None and out.exists():
+        raise RecipeError(f"--out: {out} already exists; choose another file")
+    guard = run_curve(str(recipe), set_)
+    d = guard["details"]
+    table = Table(title="learning curve")
+    table.add_column("fraction", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column(f"validation {d.get('metric', 'score')}", justify="right")
+    for fraction, n, score in zip(d["fractions"], d["n"], d["scores"]):
+        table.add_row(f"{fraction:.0%}", str(n), f"{score:.4f}")
+    out_console.print(table)
+    for key in ("expected_at_2x", "expected_at_5x", "n_for_target", "sufficient_fraction", "backtest_error"):
+        value = d.get(key)
+        out_console.print(f"{key}: {value if not isinstance(value, float) else round(value, 4)}")
+    style = STATUS_STYLE.get(guard["status"], "")
+    out_console.print(f"[{style}]{guard['status']}[/{style}] {guard['summary']}")
+    if out is not None:
+        out.write_text(json.dumps(guard, indent=2, default=str))
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `honed run`.")):
     """Rebuild RUN_DIR/report.html from the run directory's files."""
     from .report import build_report
 
+    if not run_dir.is_dir():
+        raise RecipeError(f"RUN_DIR: {run_dir} does not exist or is not a folder; give the folder `honed run` wrote")
     if not (run_dir / "metrics.json").exists():
         raise RecipeError(f"RUN_DIR: {run_dir} has no metrics.json; give a finished run directory")
     path = build_report(run_dir)
     out_console.print(f"report: {path}")
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A finished run directory written by `honed run`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; the default accepts local connections only."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HONED_TOKEN", show_envvar=True,
+                                        help="Require 'Authorization: Bearer TOKEN' on every /v1 endpoint (prefer the HONED_TOKEN variable: a command line is visible to other users)."),
+    max_body: int = typer.Option(1024 * 1024, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
+    max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs in one request (422 beyond)."),
+    max_text: int = typer.Option(100_000, "--max-text", min=1, help="Longest text in characters (422 beyond)."),
+):
+    """Serve a finished run over HTTP: GET /health, GET /v1/models, POST /v1/predict."""
+    from .serve import Limits
+    from .serve import serve as run_server
+
+    limits = Limits(max_body_bytes=max_body, max_inputs=max_inputs, max_text_chars=max_text)
+    run_server(run_dir, host=host, port=port, token=token, limits=limits,
+               announce=lambda line: err_console.print(line, markup=False, highlight=False))
+
+
+@app.command()
+def tune(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (an optional `tune: {space: ...}` section overrides the search space)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials this process runs (several processes on one study add up)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Time budget in seconds: no trial starts after it, a running one stops at its next evaluation."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql://user@host/db for many machines."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the name of OUT); workers on one study share it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for trial-NNNN/, best.yaml, best/ and tune.json (default: the recipe's out + '-tune')."),
+    pruner: str = typer.Option("median", "--pruner", help="median | successive-halving | none; fed the validation metric at every evaluation."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key for every trial, e.g. -s method=lora (repeatable)."),
+    defaults: bool = typer.Option(True, "--defaults/--no-defaults", help="Run the recipe's own settings as the first trial of a new study."),
+):
+    """Hyperparameter search (Optuna TPE + pruning); writes OUT/best.yaml and runs it once on the test split."""
+    from .tune import summary_tables
+    from .tune import tune as run_tune
+
+    result = run_tune(str(recipe), trials=trials, timeout=timeout, storage=storage, study_name=study, out=out,
+                      pruner=pruner, overrides=set_, defaults_first=defaults)
+    for table in summary_tables(result.summary):
+        out_console.print(table)
+    best, primary = result.summary["best"], (result.best_metrics or {}).get("primary_metric", "metric")
+    line = f"best trial {best['number']}: validation {primary} [bold]{best['value']:.4f}[/bold]"
+    default = result.summary.get("defaults") or {}
+    if default.get("value") is not None:
+        line += f"  (the recipe's own settings, trial {default['number']}: {default['value']:.4f})"
+    if result.best_metrics is not None:
+        line += f"  → test {primary} [bold]{result.best_metrics['test'][primary]:.4f}[/bold]"
+    out_console.print(line)
+    out_console.print(f"best recipe: [bold]{result.out / 'best.yaml'}[/bold]  run: {result.out / 'best'}  all trials: {result.out / 'tune.json'}")
 
 
 @app.command()
@@ -147,7 +231,7 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line `error: ...` and the documented exit code for every known failure."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="honed")
         if isinstance(code, int) and code:  # click returns typer.Exit's code when not standalone
             sys.exit(code)
     except HonedError as exc:

@@ -406,8 +406,12 @@ def _with_replay(ctx: Context, bundle, seed: int):
 # --------------------------------------------------------------------------- the run
 
 def run(source, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
-        overwrite: bool = False, show_progress: bool = True) -> RunResult:
-    """Fine-tune as the recipe says, measure the guards, and write the run directory."""
+        overwrite: bool = False, show_progress: bool = True, on_evaluation=None) -> RunResult:
+    """Fine-tune as the recipe says, measure the guards, and write the run directory.
+
+    on_evaluation(record) is called after every evaluation (honed tune feeds its pruner from it;
+    an exception raised there, such as optuna.TrialPruned, stops the run).
+    """
     started = time.time()
     recipe, splits = prepare(source, overrides)
     if out is not None:
@@ -431,8 +435,13 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     probe = tc.linear_probe(ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
                             ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
     progress = TrainingProgress(enabled=show_progress)
+    def on_history(records: list[dict]) -> None:
+        write_history(run_dir, records)
+        if on_evaluation is not None and records:
+            on_evaluation(records[-1])
+
     model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
-                                         on_history=lambda h: write_history(run_dir, h))
+                                         on_history=on_history)
     write_history(run_dir, history)
     train_seconds = sum(o.train_seconds for o in outcomes)
 
@@ -587,6 +596,16 @@ def learning_curve(ctx: Context, show_progress: bool = False, full_score: float 
                                           target=recipe.guards.target, epsilon=recipe.guards.epsilon)
     details["n"] = [len(idx) for idx in subsets]
     return details
+
+
+def curve(source, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """`honed curve`: the learning curve and data-sufficiency verdict, without a run directory."""
+    recipe, splits = prepare(source, overrides)
+    set_threads(recipe.train.threads)
+    ctx = setup(recipe, splits)
+    details = learning_curve(ctx, show_progress)
+    counts = {str(ctx.bundle.labels[i]): int(c) for i, c in enumerate(torch.bincount(ctx.encoded["train"].labels, minlength=len(ctx.bundle.labels)))}
+    return data_curve.data_guard(details, counts, recipe.guards.min_per_class)
 
 
 def _data_guard(ctx: Context, history: list[dict], show_progress: bool) -> dict:
