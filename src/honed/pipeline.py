@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.audit import audit_text_splits
 from .data.load import read_table
+from .data.tabular import audit_tabular, fit_preprocessor, infer_types, load_tabular_splits
 from .data.text import TextSplits, label_to_str, load_text_splits
 from .errors import DataError, RecipeError
 from .guards import bias as bias_guard_mod
@@ -31,8 +32,9 @@ from .guards.forgetting import choose_interpolation_alpha, forgetting_guard, int
 from .guards.overfit import overfitting_guard
 from .guards.status import guard_result, skipped
 from .methods import METHODS
-from .models.load import ModelBundle, load_pretrained, logits_of, save_model, scratch_copy
+from .models.load import ModelBundle, _relabel, load_pretrained, load_saved, logits_of, run_model_dir, save_model, scratch_copy
 from .recipe import Recipe, dump_recipe, load_recipe
+from .tasks import TASKS
 from .tasks import text_classification as tc
 from .train.checkpoint import Checkpointer, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
@@ -40,7 +42,6 @@ from .train.precision import device as pick_device
 from .train.precision import resolve_precision, set_threads
 from .train.progress import TrainingProgress, quiet
 
-PRIMARY_METRIC = "accuracy"
 TRAIN_EVAL_ROWS = 2000  # training rows scored at each evaluation, for the train/validation gap
 BASELINE_AUTO_SECONDS = 300  # `baseline: auto` trains the scratch model when fine-tuning took less than this
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -63,6 +64,7 @@ class Context:
 
     recipe: Recipe
     splits: TextSplits
+    task: dict  # the row of tasks.TASKS for recipe.task
     bundle: ModelBundle
     pristine: dict  # the pre-trained state dict, before any training
     encoded: dict  # split name → EncodedSplit
@@ -81,7 +83,7 @@ class Reference:
     """Inputs from the model's original world; labels when the original task can be scored."""
 
     name: str
-    encoded: tc.EncodedSplit
+    encoded: object
     labels: torch.Tensor | None
     on_validation: bool
 
@@ -92,6 +94,8 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     ("hf", "full"): 3e-5, ("hf", "freeze"): 5e-5, ("hf", "lora"): 2e-4, ("hf", "lp-ft"): 2e-5,
     # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
     ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
+    # small tabular MLPs: Adam's usual 1e-3
+    ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
 }
 AUTO_HEAD_LR = 1e-2  # on standardised features
 
@@ -104,7 +108,7 @@ def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
     if t.head_lr == "auto":
         t.head_lr = AUTO_HEAD_LR
     if t.batch_size == "auto":
-        t.batch_size = 32 if family == "wordllama" else 16
+        t.batch_size = {"wordllama": 32, "mlp": 64}.get(family, 16)
     if t.epochs == "auto":
         # small data needs more passes; early stopping ends runs that stop improving
         t.epochs = 10 if n_train < 2000 else 5 if n_train < 20000 else 3
@@ -160,7 +164,12 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 def prepare(source, overrides=None):
     """Recipe and data: everything `honed check` does, without loading a model."""
     recipe = load_recipe(source, overrides)
-    splits = load_text_splits(recipe.data, recipe.train.seed)
+    if recipe.task.startswith("tabular"):
+        splits = load_tabular_splits(recipe, recipe.train.seed)
+    else:
+        if not isinstance(recipe.model, str):
+            raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
+        splits = load_text_splits(recipe.data, recipe.train.seed)
     if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
         raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")
     return recipe, splits
@@ -176,22 +185,57 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device()
-    bundle = load_pretrained(recipe.model, splits.labels, recipe)
+    task = TASKS[recipe.task]
+    bundle = load_tabular_model(recipe, splits) if recipe.task.startswith("tabular") else load_pretrained(recipe.model, splits.labels, recipe)
     resolve_auto(recipe, bundle.family, len(splits.train))
     precision = resolve_precision(recipe.train.precision, dev)
-    max_len = recipe.data.max_length
-    encoded = {name: tc.encode(bundle, frame["text"].tolist(), frame["label"].tolist(), max_len)
+    encoded = {name: task["encode"](bundle, frame, splits.labels, recipe)
                for name, frame in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
     bundle.model.to(dev)
     eval_bs = max(32, 2 * recipe.train.batch_size)
-    features = {name: tc.extract_features(bundle, bundle.model, split, eval_bs, precision, dev) for name, split in encoded.items()}
+    features = {name: task["features"](bundle, bundle.model, split, eval_bs, precision, dev) for name, split in encoded.items()}
     g = torch.Generator().manual_seed(seed)
     train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:TRAIN_EVAL_ROWS]
-    ctx = Context(recipe, splits, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
+    ctx = Context(recipe, splits, task, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
                   encoded, features, precision, dev, eval_bs, train_eval_idx)
     ctx.original_head, original_labels = _original_head(bundle)
     ctx.reference = _load_reference(recipe, bundle, encoded, original_labels)
     return ctx
+
+
+def load_tabular_model(recipe: Recipe, splits) -> ModelBundle:
+    """A fresh MLP (`model: {architecture: mlp}`), or an earlier honed tabular run to fine-tune."""
+    from .models.mlp import build_mlp
+
+    regression = recipe.task == "tabular-regression"
+    if not isinstance(recipe.model, str):
+        numeric, categorical = infer_types(splits.train, recipe.data.features, recipe.data.categorical, recipe.data.numeric)
+        pre = fit_preprocessor(splits.train, numeric, categorical)
+        model = build_mlp(recipe.model, pre.width, 1 if regression else len(splits.labels), regression)
+        if regression:
+            model.target_mean.fill_(float(splits.train["label"].mean()))
+            model.target_std.fill_(float(splits.train["label"].std() or 1.0))
+        bundle = ModelBundle("mlp", model, None, 0, "classifier", splits.labels or [], "mlp (random init)")
+        bundle.preprocessor = pre
+        return bundle
+    model_dir = run_model_dir(Path(recipe.model)) if Path(recipe.model).exists() else None
+    if model_dir is None:
+        raise RecipeError(f"model: {recipe.model} is not a honed tabular run directory; give an earlier run, or {{architecture: mlp}} to start from scratch")
+    bundle = load_saved(model_dir)
+    if bundle.family != "mlp":
+        raise RecipeError(f"model: {recipe.model} is a {bundle.family} model; a tabular task needs a tabular honed run or {{architecture: mlp}}")
+    source_cols, wanted = set(bundle.preprocessor.columns), set(recipe.data.features)
+    if source_cols != wanted:
+        missing, extra = sorted(source_cols - wanted), sorted(wanted - source_cols)
+        raise RecipeError("data.features: the source model was trained on other columns"
+                          + (f"; missing here: {', '.join(missing)}" if missing else "")
+                          + (f"; not in the source: {', '.join(extra)}" if extra else "")
+                          + "; use the source's feature columns")
+    if bundle.model.regression != regression:
+        raise RecipeError(f"task: the source model is a {'regression' if bundle.model.regression else 'classification'} model; the recipe asks for {recipe.task}")
+    if not regression:
+        bundle = _relabel(bundle, splits.labels)
+    return bundle
 
 
 def _original_head(bundle: ModelBundle):
@@ -210,7 +254,7 @@ def _load_reference(recipe: Recipe, bundle: ModelBundle, encoded: dict, original
     if spec is None:
         return Reference("the validation inputs (no reference set given)", encoded["validation"], None, True)
     frame = read_table(spec.data, "reference.data")
-    if spec.text not in frame.columns:
+    if not recipe.task.startswith("tabular") and spec.text not in frame.columns:
         raise DataError(f"reference.text: column '{spec.text}' not found in {Path(spec.data).name} (columns: {', '.join(map(str, frame.columns[:30]))})")
     labels = None
     if spec.label is not None:
@@ -225,8 +269,11 @@ def _load_reference(recipe: Recipe, bundle: ModelBundle, encoded: dict, original
             raise DataError(f"reference.label: labels {unknown[:5]} are not classes of the original model ({', '.join(original_labels[:20])})")
         index = {label: i for i, label in enumerate(original_labels)}
         labels = torch.tensor([index[v] for v in values], dtype=torch.long)
-    texts = frame[spec.text].fillna("").astype(str).tolist()
-    enc = tc.encode(bundle, texts, None, recipe.data.max_length)
+    if recipe.task.startswith("tabular"):
+        enc = TASKS[recipe.task]["encode"](bundle, frame.drop(columns=["label"], errors="ignore"), None, recipe)
+    else:
+        texts = frame[spec.text].fillna("").astype(str).tolist()
+        enc = tc.encode(bundle, texts, None, recipe.data.max_length)
     return Reference(Path(spec.data).name, enc, labels, False)
 
 
@@ -244,7 +291,8 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
         model = copy.deepcopy(ctx.bundle.model)
         model.load_state_dict(ctx.pristine)
     bundle = _bundle_for(ctx.bundle, model)
-    train_split = ctx.encoded["train"] if train_idx is None else _subset(ctx.encoded["train"], train_idx)
+    subset = ctx.task["subset"]
+    train_split = ctx.encoded["train"] if train_idx is None else subset(ctx.encoded["train"], train_idx)
     train_features = ctx.features["train"] if train_idx is None else ctx.features["train"][train_idx]
     eval_pool = torch.arange(len(train_split))[:TRAIN_EVAL_ROWS] if train_idx is not None else ctx.train_eval_idx
     history: list[dict] = []
@@ -257,7 +305,7 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
             outcome = _train_head(ctx, bundle, train_features, train_split.labels, eval_pool, seed, checkpointer, progress, on_eval)
         else:
             model = method["prepare"](model, bundle, recipe)
-            outcome = _train_model(ctx, bundle, model, train_split, _subset(train_split, eval_pool), seed, checkpointer, progress, on_eval)
+            outcome = _train_model(ctx, bundle, model, train_split, subset(train_split, eval_pool), seed, checkpointer, progress, on_eval)
         history[:] = previous + outcome.history
         outcomes.append(outcome)
     if method["export"] is not None:
@@ -271,39 +319,30 @@ def _bundle_for(bundle: ModelBundle, model) -> ModelBundle:
     return clone
 
 
-def _subset(split: tc.EncodedSplit, idx: torch.Tensor) -> tc.EncodedSplit:
-    ids = [split.flat[int(split.offsets[i]) : int(split.offsets[i + 1])] for i in idx.tolist()]
-    lengths = split.lengths[idx]
-    offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
-    return tc.EncodedSplit(flat, offsets, lengths, split.labels[idx], 0)
-
-
 def _loop_config(ctx: Context, stage: str, epochs: int, lr: float, n_train: int, batch_size: int) -> LoopConfig:
     t = ctx.recipe.train
     per_epoch = math.ceil(n_train / batch_size / t.grad_accumulation)
     eval_every = t.eval_every if stage == "model" else max(1, per_epoch)
     return LoopConfig(stage=stage, epochs=epochs, lr=lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                       grad_clip=t.grad_clip, grad_accumulation=t.grad_accumulation, eval_every=eval_every,
-                      patience=t.patience, precision=ctx.precision, primary=PRIMARY_METRIC, device=ctx.device)
+                      patience=t.patience, precision=ctx.precision, primary=ctx.task["primary"], device=ctx.device)
 
 
 def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval):
-    t = ctx.recipe.train
+    t, task = ctx.recipe.train, ctx.task
     val = ctx.encoded["validation"]
 
     def evaluate(m):
         out = {}
         for prefix, split in (("val", val), ("train", train_eval)):
-            logits = tc.predict_logits(m, split, bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
-            out.update({f"{prefix}_{k}": v for k, v in tc.metrics_from_logits(logits, split.labels).items()})
+            logits = task["predict"](m, split, bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
+            out.update({f"{prefix}_{k}": v for k, v in task["metrics"](logits, split.labels).items()})
         out.pop("train_loss", None)  # the running training loss is the meaningful one
         return out
 
-    batches = tc.token_batches(train_split, t.batch_size, seed, bundle.pad_id, t.group_by_length)
+    batches = task["batches"](train_split, t.batch_size, seed, bundle.pad_id, t.group_by_length)
     regulariser = _l2sp(model, bundle, ctx.recipe) if ctx.recipe.l2sp else None
-    loss_fn = tc.classification_loss
+    loss_fn = task["loss"]
     if ctx.recipe.replay is not None:
         loss_fn = _with_replay(ctx, bundle, seed)
     cfg = _loop_config(ctx, "model", t.epochs, t.lr, len(train_split), t.batch_size)
@@ -330,6 +369,9 @@ def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpo
         work.bias.copy_(bias + head.weight @ mean.to(dev))
     train_scaled = scale(train_x)
     val_scaled, val_y = scale(ctx.features["validation"]), ctx.encoded["validation"].labels
+    if ctx.task["kind"] == "regression":  # the head predicts the standardised target; the model rescales it
+        mu, sd = bundle.model.target_mean.cpu(), bundle.model.target_std.cpu()
+        train_y, val_y = (train_y - mu) / sd, (val_y - mu) / sd
     eval_x, eval_y = train_scaled[eval_pool], train_y[eval_pool]
 
     @torch.no_grad()
@@ -337,7 +379,9 @@ def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpo
         out = {}
         for prefix, x, yy in (("val", val_scaled, val_y), ("train", eval_x, eval_y)):
             logits = h(x.to(dev)).float().cpu()
-            out.update({f"{prefix}_{k}": v for k, v in tc.metrics_from_logits(logits, yy).items()})
+            if ctx.task["kind"] == "regression":
+                logits = logits.squeeze(-1)
+            out.update({f"{prefix}_{k}": v for k, v in ctx.task["metrics"](logits, yy).items()})
         out.pop("train_loss", None)
         return out
 
@@ -347,7 +391,7 @@ def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpo
     cfg.precision = "fp32"
     cfg.patience = max(t.patience or 10, 10)
     cfg.checkpoint_evaluations = False  # a head stage takes seconds; redoing it is cheaper than saving it
-    outcome = train(work, batches, tc.head_loss, evaluate, cfg, checkpointer, progress, None, on_eval)
+    outcome = train(work, batches, ctx.task["head_loss"], evaluate, cfg, checkpointer, progress, None, on_eval)
     with torch.no_grad():
         folded = work.weight / std.to(dev)
         head.weight.copy_(folded)
@@ -386,10 +430,11 @@ def _with_replay(ctx: Context, bundle, seed: int):
     per_step = max(1, round(spec.fraction * ctx.recipe.train.batch_size))
 
     def loss_fn(model, batch):
-        base = tc.classification_loss(model, batch)
-        g = torch.Generator().manual_seed(seed * 7919 + int(batch["input_ids"].sum()))
+        base = ctx.task["loss"](model, batch)
+        key = batch["input_ids"] if "input_ids" in batch else batch["x"]
+        g = torch.Generator().manual_seed(seed * 7919 + int(key.double().sum() * 1000) % (2**31))
         idx = torch.randint(len(ref.encoded), (per_step,), generator=g)
-        replay_batch = {k: v.to(ctx.device) for k, v in tc.collate(ref.encoded, idx, bundle.pad_id).items()}
+        replay_batch = {k: v.to(ctx.device) for k, v in ctx.task["collate"](ref.encoded, idx, bundle.pad_id).items() if k != "labels"}
         captured = []
         head = dict(model.named_modules()).get(head_name) or next(m for n, m in model.named_modules() if n.endswith(head_name))
         handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
@@ -420,7 +465,10 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     recipe.out = str(run_dir)
     threads = set_threads(recipe.train.threads)
     ctx = setup(recipe, splits)
-    audit = audit_text_splits(splits, {k: v.truncated for k, v in ctx.encoded.items()}, recipe.data.max_length)
+    if recipe.task.startswith("tabular"):
+        audit = audit_tabular(splits, ctx.bundle.preprocessor)
+    else:
+        audit = audit_text_splits(splits, {k: v.truncated for k, v in ctx.encoded.items()}, recipe.data.max_length)
     if recipe.data.groups:
         audit["groups"] = bias_guard_mod.group_representation(splits.train, recipe.data.groups, "label", recipe.guards.min_group_size)
 
@@ -432,9 +480,11 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     write_json_atomic(run_dir / "audit.json", audit)
 
     seed = main_seed(recipe)
-    probe = tc.linear_probe(ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
-                            ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
+    task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
+    probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
+                          ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
     progress = TrainingProgress(enabled=show_progress)
+
     def on_history(records: list[dict]) -> None:
         write_history(run_dir, records)
         if on_evaluation is not None and records:
@@ -448,43 +498,44 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     forgetting, model = _forgetting(ctx, model, progress)
     val_metrics = _evaluate(ctx, model, "validation")
     test_logits = _logits(ctx, model, ctx.encoded["test"])  # the test split is touched once, here
-    test_metrics = tc.metrics_from_logits(test_logits, ctx.encoded["test"].labels)
-    test_preds = test_logits.argmax(-1).numpy()
+    test_metrics = task["metrics"](test_logits, ctx.encoded["test"].labels)
+    test_preds = test_logits.argmax(-1).numpy() if classify else test_logits.numpy()
     model.cpu()
     save_model(ctx.bundle, model, run_dir / "model", {"task": recipe.task, "max_length": recipe.data.max_length,
-                                                     "text_column": recipe.data.text, "precision": ctx.precision})
-    _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels)
+                                                     "text_column": recipe.data.text, "features": recipe.data.features,
+                                                     "precision": ctx.precision})
+    _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
     model.to(ctx.device)
 
-    seeds = {seed: test_metrics[PRIMARY_METRIC]}
+    seeds = {seed: test_metrics[primary]}
     for extra_seed in (recipe.train.seeds or [])[1:]:
         _say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
         other, _, _ = fine_tune(ctx, extra_seed, progress=quiet())
-        seeds[extra_seed] = tc.metrics_from_logits(_logits(ctx, other, ctx.encoded["test"]), ctx.encoded["test"].labels)[PRIMARY_METRIC]
-    majority = float((ctx.encoded["test"].labels == torch.bincount(ctx.encoded["train"].labels).argmax()).float().mean())
+        seeds[extra_seed] = _evaluate(ctx, other, "test")[primary]
+    majority = _majority(ctx)
     guards = {
-        "overfitting": overfitting_guard(history, outcomes[-1].best_step, PRIMARY_METRIC, recipe.guards.overfitting.max_gap,
-                                         test_preds, len(ctx.bundle.labels), seeds if len(seeds) > 1 else None),
+        "overfitting": overfitting_guard(history, outcomes[-1].best_step, primary, recipe.guards.overfitting.max_gap,
+                                         test_preds if classify else None, len(ctx.bundle.labels), seeds if len(seeds) > 1 else None),
         "forgetting": forgetting,
         "data": _data_guard(ctx, history, show_progress),
-        "bias": _bias(ctx, test_preds, probe["test_predictions"]),
+        "bias": _bias(ctx, test_preds, probe["test_predictions"]) if classify else skipped("the bias guard covers classification tasks in this version"),
         "baseline": _baseline(ctx, test_metrics, probe, majority, train_seconds, show_progress),
     }
     samples = sum(o.samples_seen for o in outcomes)
     metrics = {
         "task": recipe.task,
-        "primary_metric": PRIMARY_METRIC,
+        "primary_metric": primary,
         "test": test_metrics,
         "validation": val_metrics,
         "pretrained": {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
-        "majority": {"accuracy": majority},
+        "majority": {primary: majority},
         "seeds": {str(k): v for k, v in seeds.items()},
         "guards": guards,
-        "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels),
+        "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels) if classify else None,
         "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
                    "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": _peak_rss_mb(), "threads": threads,
                    "precision": ctx.precision, "device": str(ctx.device)},
-        "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model, "steps": sum(o.steps for o in outcomes),
+        "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(), "steps": sum(o.steps for o in outcomes),
                 "stopped_early": any(o.stopped_early for o in outcomes), "seed": seed},
     }
     if guards["overfitting"]["details"].get("seeds"):
@@ -502,17 +553,25 @@ def _say(enabled: bool, text: str) -> None:
 
 
 def _logits(ctx: Context, model, split) -> torch.Tensor:
-    return tc.predict_logits(model, split, ctx.bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
+    return ctx.task["predict"](model, split, ctx.bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device)
 
 
 def _evaluate(ctx: Context, model, name: str) -> dict:
-    return tc.metrics_from_logits(_logits(ctx, model, ctx.encoded[name]), ctx.encoded[name].labels)
+    return ctx.task["metrics"](_logits(ctx, model, ctx.encoded[name]), ctx.encoded[name].labels)
+
+
+def _majority(ctx: Context) -> float:
+    """The trivial model's test score: the most frequent class, or the training mean for regression."""
+    train_y, test_y = ctx.encoded["train"].labels, ctx.encoded["test"].labels
+    if ctx.task["kind"] == "classification":
+        return float((test_y == torch.bincount(train_y).argmax()).float().mean())
+    return ctx.task["metrics"](torch.full_like(test_y, float(train_y.mean())), test_y)[ctx.task["primary"]]
 
 
 # --------------------------------------------------------------------------- guards that need the engine
 
 def _features(ctx: Context, model, split) -> torch.Tensor:
-    return tc.extract_features(_bundle_for(ctx.bundle, model), model, split, ctx.eval_batch_size, ctx.precision, ctx.device)
+    return ctx.task["features"](_bundle_for(ctx.bundle, model), model, split, ctx.eval_batch_size, ctx.precision, ctx.device)
 
 
 def _original_task_metric(ctx: Context, features: torch.Tensor) -> float | None:
@@ -558,7 +617,7 @@ def _interpolation_sweep(ctx: Context, model, alphas, metric_before, floor):
     sweep = []
     for alpha in alphas:
         model.load_state_dict(interpolate_state(theta0, theta_ft, alpha))
-        val = _evaluate(ctx, model, "validation")[PRIMARY_METRIC]
+        val = _evaluate(ctx, model, "validation")[ctx.task["primary"]]
         after = _original_task_metric(ctx, _features(ctx, model, ctx.reference.encoded))
         retention = after / metric_before if (after is not None and metric_before) else None
         sweep.append({"alpha": alpha, "metric": val, "retention": retention})
@@ -591,8 +650,8 @@ def learning_curve(ctx: Context, show_progress: bool = False, full_score: float 
             continue
         _say(show_progress, f"learning curve: {fraction:.0%} of the training data ({len(idx)} rows)")
         model, _, _ = fine_tune(ctx, main_seed(recipe), train_idx=idx, progress=quiet())
-        scores.append(_evaluate(ctx, model, "validation")[PRIMARY_METRIC])
-    details = data_curve.data_sufficiency(fractions, len(ctx.encoded["train"]), scores, metric=PRIMARY_METRIC,
+        scores.append(_evaluate(ctx, model, "validation")[ctx.task["primary"]])
+    details = data_curve.data_sufficiency(fractions, len(ctx.encoded["train"]), scores, metric=ctx.task["primary"],
                                           target=recipe.guards.target, epsilon=recipe.guards.epsilon)
     details["n"] = [len(idx) for idx in subsets]
     return details
@@ -604,17 +663,23 @@ def curve(source, overrides: list[str] | None = None, show_progress: bool = True
     set_threads(recipe.train.threads)
     ctx = setup(recipe, splits)
     details = learning_curve(ctx, show_progress)
-    counts = {str(ctx.bundle.labels[i]): int(c) for i, c in enumerate(torch.bincount(ctx.encoded["train"].labels, minlength=len(ctx.bundle.labels)))}
-    return data_curve.data_guard(details, counts, recipe.guards.min_per_class)
+    return data_curve.data_guard(details, _class_counts(ctx), recipe.guards.min_per_class)
+
+
+def _class_counts(ctx: Context) -> dict | None:
+    if ctx.task["kind"] != "classification":
+        return None
+    counts = torch.bincount(ctx.encoded["train"].labels, minlength=len(ctx.bundle.labels))
+    return {str(ctx.bundle.labels[i]): int(c) for i, c in enumerate(counts)}
 
 
 def _data_guard(ctx: Context, history: list[dict], show_progress: bool) -> dict:
-    counts = {str(ctx.bundle.labels[i]): int(c) for i, c in enumerate(torch.bincount(ctx.encoded["train"].labels, minlength=len(ctx.bundle.labels)))}
+    counts = _class_counts(ctx)
     if not ctx.recipe.guards.data_curve:
         guard = data_curve.data_guard({}, counts, ctx.recipe.guards.min_per_class)
         guard["summary"] += " (learning curve not run: set guards.data_curve: true)"
         return guard
-    best = max((h[f"val_{PRIMARY_METRIC}"] for h in history), default=None)
+    best = max((h[f"val_{ctx.task['primary']}"] for h in history), default=None)
     details = learning_curve(ctx, show_progress, full_score=best)
     return data_curve.data_guard(details, counts, ctx.recipe.guards.min_per_class)
 
@@ -635,8 +700,9 @@ def _bias(ctx: Context, test_preds: np.ndarray, probe_preds: np.ndarray) -> dict
 def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, train_seconds: float, show_progress: bool) -> dict:
     """The same architecture from random initialisation with the same budget: what pre-training bought."""
     wanted = ctx.recipe.guards.baseline
-    fine_tuned = test_metrics[PRIMARY_METRIC]
-    details = {"scratch": None, "linear_probe": probe["test"][PRIMARY_METRIC], "majority": majority, "fine_tuned": fine_tuned}
+    primary = ctx.task["primary"]
+    fine_tuned = test_metrics[primary]
+    details = {"scratch": None, "linear_probe": probe["test"][primary], "majority": majority, "fine_tuned": fine_tuned}
     run_it = wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS)
     if run_it:
         _say(show_progress, "baseline: training the same architecture from random initialisation")
@@ -647,15 +713,16 @@ def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, tr
         scratch_ctx.recipe.replay = None
         scratch_ctx.recipe.l2sp = None
         trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch)
-        details["scratch"] = tc.metrics_from_logits(_logits(ctx, trained, ctx.encoded["test"]), ctx.encoded["test"].labels)[PRIMARY_METRIC]
+        details["scratch"] = _evaluate(ctx, trained, "test")[primary]
     problems = []
     if fine_tuned <= majority + 0.01:
-        problems.append(f"the fine-tuned model ({fine_tuned:.3f}) is no better than always predicting the majority class ({majority:.3f})")
+        trivial = "always predicting the majority class" if ctx.task["kind"] == "classification" else "always predicting the training mean"
+        problems.append(f"the fine-tuned model ({fine_tuned:.3f}) is no better than {trivial} ({majority:.3f})")
     if details["scratch"] is not None and details["scratch"] >= fine_tuned - 0.005:
         problems.append(f"the same model trained from scratch scores {details['scratch']:.3f} against {fine_tuned:.3f}: pre-training bought nothing here")
     if problems:
         return guard_result("warn", "; ".join(problems).capitalize() + ".", details)
-    parts = [f"Fine-tuned {PRIMARY_METRIC} {fine_tuned:.3f}", f"majority class {majority:.3f}", f"linear probe {details['linear_probe']:.3f}"]
+    parts = [f"Fine-tuned {primary} {fine_tuned:.3f}", f"majority class {majority:.3f}", f"linear probe {details['linear_probe']:.3f}"]
     if details["scratch"] is not None:
         parts.append(f"from scratch {details['scratch']:.3f}")
         return guard_result("ok", ", ".join(parts) + ": pre-training and fine-tuning both pay.", details)
@@ -664,10 +731,14 @@ def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, tr
 
 # --------------------------------------------------------------------------- outputs
 
-def _write_predictions(path: Path, frame: pd.DataFrame, logits: torch.Tensor, labels: list[str]) -> None:
+def _write_predictions(path: Path, frame: pd.DataFrame, logits: torch.Tensor, labels: list[str] | None) -> None:
+    out = frame.copy()
+    if labels is None:  # regression: the predicted value
+        out["prediction"] = logits.numpy()
+        out.to_csv(path, index=False)
+        return
     probs = torch.softmax(logits, -1).numpy()
-    out = pd.DataFrame({"text": frame["text"].to_numpy(), "label": frame["label"].to_numpy(),
-                        "prediction": [labels[i] for i in probs.argmax(1)]})
+    out["prediction"] = [labels[i] for i in probs.argmax(1)]
     for i, label in enumerate(labels):
         out[f"prob_{label}"] = probs[:, i].round(6)
     out.to_csv(path, index=False)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RecipeError
 
-TASKS = ("text-classification",)
+TASKS = ("text-classification", "tabular-classification", "tabular-regression")
 METHOD_NAMES = ("full", "head", "freeze", "lora", "lp-ft")
 
 
@@ -34,6 +34,18 @@ class DataSpec(Strict):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     max_length: int = Field(128, ge=8, le=8192)
+    features: list[str] = Field(default_factory=list)  # tabular: the input columns
+    categorical: list[str] = Field(default_factory=list)  # tabular: force these columns to be categorical
+    numeric: list[str] = Field(default_factory=list)  # tabular: force these columns to be numeric
+
+
+class MLPSpec(Strict):
+    """A from-scratch tabular model: `model: {architecture: mlp}`."""
+
+    architecture: Literal["mlp"]
+    hidden: int = Field(128, ge=1)
+    layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class LoraSpec(Strict):
@@ -106,8 +118,8 @@ class ReferenceSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification"] = "text-classification"
-    model: str
+    task: Literal["text-classification", "tabular-classification", "tabular-regression"] = "text-classification"
+    model: str | MLPSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "lp-ft"] = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -258,7 +270,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.out is not None:
         recipe.out = _resolve(base, recipe.out)
     model = recipe.model
-    if model != "wordllama":
+    if isinstance(model, str) and model != "wordllama":
         candidate = (base / model).expanduser() if not Path(model).is_absolute() else Path(model)
         if candidate.exists() or _looks_local(model):
             recipe.model = str(candidate.resolve())

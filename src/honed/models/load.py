@@ -38,13 +38,16 @@ class ModelBundle:
     source: str
     tokenizer: object = None
     original_head: tuple | None = None  # (module, labels) of the source model's own task, when replaced
+    preprocessor: object = None  # tabular models: the fitted feature preprocessing
 
     def head(self) -> nn.Linear:
         return self.model.get_submodule(self.head_name)
 
 
 def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Hugging Face models return an output object; honed's own return a tensor."""
+    """Hugging Face models return an output object; honed's own return a tensor. Tables feed `x`."""
+    if "x" in batch:
+        return model(batch["x"])
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -257,7 +260,7 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
 def _refuse_mismatched(source: str, mismatched, head: str) -> None:
     """ignore_mismatched_sizes lets a new head replace the checkpoint's; any other tensor whose
     shape disagrees with config.json would be silently re-initialised, i.e. not pre-trained at all."""
-    backbone = [m for m in mismatched if not m[0].startswith(head + ".")]
+    backbone = sorted(m for m in mismatched if not m[0].startswith(head + "."))
     if backbone:
         key, in_file, in_config = backbone[0]
         raise RecipeError(
@@ -294,9 +297,22 @@ def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
     return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, find_head_name(model, len(labels)), labels, str(model_dir), tokenizer)
 
 
+def _mlp_save(bundle, model, out):
+    from .mlp import save_mlp
+
+    return save_mlp(bundle, model, out)
+
+
+def _mlp_reload(model_dir, meta):
+    from .mlp import reload_mlp
+
+    return reload_mlp(model_dir, meta)
+
+
 FAMILIES = {
     "wordllama": {"save": save_wordllama, "reload": reload_wordllama},
     "hf": {"save": save_hf, "reload": reload_hf},
+    "mlp": {"save": _mlp_save, "reload": _mlp_reload},
 }
 
 
@@ -394,6 +410,13 @@ def scratch_copy(bundle: ModelBundle) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         fresh = AutoModelForSequenceClassification.from_config(model.config)
+    elif bundle.family == "mlp":
+        from .mlp import TabularMLP
+
+        cfg = model.config
+        fresh = TabularMLP(cfg["in_dim"], cfg["hidden"], cfg["layers"], model.classifier.out_features, cfg["dropout"], cfg["regression"])
+        fresh.target_mean.copy_(model.target_mean)
+        fresh.target_std.copy_(model.target_std)
     else:
         dims = model.embedding.weight.shape
         fresh = WordLlamaClassifier(int(dims[0]), int(dims[1]), len(bundle.labels))
