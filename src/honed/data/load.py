@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -16,25 +19,30 @@ MAX_FIELD_BYTES = 64 * 1024 * 1024
 
 def _check_file(path: Path, field: str) -> None:
     try:
-        exists = path.exists()
-        is_dir = path.is_dir()
-    except OSError as exc:  # e.g. a symlink loop
-        raise DataError(f"{field}: cannot open {path} ({exc.strerror or exc}); point it at a readable file") from None
-    if not exists:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{field}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; point it at a readable file") from None
         hint = ""
         if path.parent.is_dir():
             near = sorted(p.name for p in path.parent.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)[:5]
             if near:
                 hint = f" (files there: {', '.join(near)})"
-        raise DataError(f"{field}: file {path} not found{hint}")
-    if is_dir:
+        raise DataError(f"{field}: file {path} not found{hint}") from None
+    except OSError as exc:
+        what = "a symbolic link loop" if exc.errno == errno.ELOOP else f"not readable ({exc.strerror or exc})"
+        raise DataError(f"{field}: {path} is {what}; point it at a readable file") from None
+    if stat.S_ISDIR(info.st_mode):
         raise DataError(f"{field}: {path} is a directory; expected a .csv, .jsonl or .parquet file")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise DataError(f"{field}: {path} is empty (0 bytes); expected a header row and data rows")
 
 
 def _decode(path: Path, field: str) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{field}: {path} is not readable ({exc.strerror or exc}); check its permissions") from None
     try:
         # utf-8-sig strips a byte-order mark that spreadsheet programs add
         text = raw.decode("utf-8-sig")
@@ -52,8 +60,9 @@ def read_table(path: str | Path, field: str = "data.train") -> pd.DataFrame:
     _check_file(path, field)
     kind = TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
+        hint = "; save the sheet as CSV UTF-8" if path.suffix.lower() in {".xlsx", ".xls", ".ods"} else ""
         raise DataError(
-            f"{field}: {path.name} has suffix '{path.suffix}'; expected one of {', '.join(sorted(TABLE_SUFFIXES))}"
+            f"{field}: {path.name} has suffix '{path.suffix}'; expected one of {', '.join(sorted(TABLE_SUFFIXES))}{hint}"
         )
     if kind == "parquet":
         try:

@@ -44,18 +44,35 @@ def _name(path: str) -> str:
     return Path(path).name
 
 
+NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def _where(mask: pd.Series, path: str) -> str:
+    """Where the flagged rows are: file lines for CSV/TSV (after the header), record numbers otherwise."""
+    first = mask[mask].index[:5]
+    if _name(path).lower().endswith((".csv", ".tsv")):
+        return "file lines " + ", ".join(str(i + 2) for i in first)
+    return "records " + ", ".join(str(i + 1) for i in first)
+
+
 def _check_labels_are_classes(values: pd.Series, path: str, column: str) -> None:
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all():
-        finite = numeric[numeric.map(math.isfinite)]
-        if len(finite) < len(numeric):
-            raise DataError(f"data.label: column '{column}' in {_name(path)} has NaN/inf values; expected class labels")
-        if not (finite == finite.round()).all():
-            example = next(v for v in values if float(v) != round(float(v)))
-            raise DataError(
-                f"data.label: column '{column}' in {_name(path)} holds fractional numbers (e.g. {example}); "
-                "text-classification needs class labels; for a numeric target use a regression task"
-            )
+    text = values.astype(str).str.strip()
+    numeric = pd.to_numeric(text, errors="coerce")
+    if not (numeric.notna() | text.str.lower().isin(NON_FINITE)).all():
+        return  # class names, not numbers
+    finite = numeric.map(math.isfinite)  # NaN → False
+    if not finite.all():
+        examples = ", ".join(sorted(set(text[~finite]))[:3])
+        raise DataError(
+            f"data.label: column '{column}' in {_name(path)} has {int((~finite).sum())} NaN/inf value(s) ({examples}; "
+            f"{_where(~finite, path)}); expected class labels; fix or remove those rows"
+        )
+    if not (numeric == numeric.round()).all():
+        example = text[numeric != numeric.round()].iloc[0]
+        raise DataError(
+            f"data.label: column '{column}' in {_name(path)} holds fractional numbers (e.g. {example}); "
+            "text-classification needs class labels; for a numeric target use a regression task"
+        )
 
 
 def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: list[dict]) -> pd.DataFrame:
@@ -68,10 +85,9 @@ def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: l
     labels = frame[spec.label]
     missing = labels.isna() | (labels.astype(str).str.strip() == "")
     if missing.any():
-        rows = (missing[missing].index[:5] + 2).tolist()  # +2: header line and 1-based numbering
         raise DataError(
             f"data.label: {int(missing.sum())} row(s) of {_name(path)} have no '{spec.label}' value "
-            f"(file lines {', '.join(map(str, rows))}); fill them in or remove those rows"
+            f"({_where(missing, path)}); fill them in or remove those rows"
         )
     _check_labels_are_classes(labels, path, spec.label)
     texts = frame[spec.text]
@@ -103,7 +119,8 @@ def load_text_splits(spec: DataSpec, seed: int) -> TextSplits:
     classes = train["label"].value_counts()
     if len(classes) < 2:
         raise DataError(
-            f"data.label: column '{spec.label}' in {_name(spec.train)} has a single class ('{classes.index[0]}'); "
+            f"data.label: column '{spec.label}' in {_name(spec.train)} has a single class ('{classes.index[0]}') "
+            f"in its {len(train)} row(s); "
             "classification needs at least two"
         )
     if len(classes) > 100 and len(classes) > MAX_CLASS_SHARE_OF_ROWS * len(train):
