@@ -127,22 +127,26 @@ def default_run_dir(recipe: Recipe, source) -> Path:
     return Path("runs") / stem
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never silently overwrite: an existing run needs --resume or --overwrite."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse what would lose or overwrite work, before anything is loaded (writes nothing)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"out: {run_dir} exists and is a file; choose another --out")
     exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and resume:
-        if not (run_dir / "recipe.yaml").exists():
-            raise RecipeError(f"--resume: {run_dir} is not a honed run directory (no recipe.yaml)")
-        return
+    if resume and exists and not (run_dir / "recipe.yaml").exists():
+        raise RecipeError(f"--resume: {run_dir} is not a honed run directory (no recipe.yaml)")
     if resume and not exists:
         raise RecipeError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
-    if exists and not overwrite:
+    if exists and not resume and not overwrite:
         raise RecipeError(f"out: run directory {run_dir} already exists; pass --resume to continue it, --overwrite to replace it, or --out for a new one")
-    if exists and overwrite:
-        if not (run_dir / "recipe.yaml").exists():
-            raise RecipeError(f"--overwrite: {run_dir} is not a honed run directory; refusing to delete it")
+    if exists and overwrite and not (run_dir / "recipe.yaml").exists():
+        raise RecipeError(f"--overwrite: {run_dir} is not a honed run directory; refusing to delete it")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Never silently overwrite: an existing run needs --resume or --overwrite."""
+    check_run_dir(run_dir, resume, overwrite)
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and overwrite and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -463,6 +467,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         recipe.out = str(Path(out).resolve())
     run_dir = default_run_dir(recipe, source).resolve()
     recipe.out = str(run_dir)
+    check_run_dir(run_dir, resume, overwrite)
     threads = set_threads(recipe.train.threads)
     ctx = setup(recipe, splits)
     if recipe.task.startswith("tabular"):

@@ -5,14 +5,19 @@ from torch import nn
 from ..errors import RecipeError
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | tuple[None, None]:
-    """The model's stack of blocks: the ModuleList holding the most parameters."""
+def find_layers(model: nn.Module, head_name: str | None = None) -> tuple[str, list[nn.Module]] | tuple[None, None]:
+    """The model's stack of blocks: the ModuleList holding the most parameters; for models
+    without one (a tabular MLP), its linear layers outside the head, bottom first."""
     best, best_size = (None, None), 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             size = sum(p.numel() for p in module.parameters())
             if size > best_size:
-                best, best_size = (name, module), size
+                best, best_size = (name, list(module)), size
+    if best[1] is None and head_name is not None:
+        linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head_name]
+        if linears:
+            return "linear layers", linears
     return best
 
 
@@ -30,7 +35,7 @@ def embedding_module(model: nn.Module) -> nn.Module | None:
 def apply(model: nn.Module, bundle, recipe) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
-    _, layers = find_layers(model)
+    _, layers = find_layers(model, bundle.head_name)
     depth = len(layers) if layers is not None else 0
     wanted = recipe.freeze.layers
     n = depth // 2 if wanted == "half" else int(wanted)
