@@ -61,9 +61,7 @@ def test_method_contract_tiny_bert(method, recipe_factory, tiny_bert, tmp_path):
 
     hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
     assert hf.config.id2label == {0: "neg", 1: "pos"}
-    from honed.predict import predict as predict_rows  # TODO: honed.predict once the module is renamed
-
-    frame = predict_rows(run_dir, run_dir / "predictions.csv")
+    frame = honed.predict(run_dir, run_dir / "predictions.csv")
     saved = pd.read_csv(run_dir / "predictions.csv")
     assert (frame["prediction"] == saved["prediction"]).mean() == 1.0
 

@@ -30,6 +30,6 @@ def check(recipe, overrides=None) -> dict:
 
 def predict(run_dir, input_path):
     """Predictions (a DataFrame) for a CSV/JSONL/Parquet file from a finished run."""
-    from .predict import predict as _predict
+    from .inference import predict as _predict
 
     return _predict(run_dir, input_path)

@@ -107,7 +107,7 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ):
     """Predict labels for new data with a fine-tuned model."""
-    from .predict import predict as run_predict
+    from .inference import predict as run_predict
 
     if out is not None and out.exists() and not overwrite:
         raise RecipeError(f"--out: {out} already exists; pass --overwrite to replace it or choose another file")
@@ -171,13 +171,14 @@ def serve(
     max_body: int = typer.Option(1024 * 1024, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
     max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs in one request (422 beyond)."),
     max_text: int = typer.Option(100_000, "--max-text", min=1, help="Longest text in characters (422 beyond)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: all cores but one)."),
 ):
     """Serve a finished run over HTTP: GET /health, GET /v1/models, POST /v1/predict."""
     from .serve import Limits
     from .serve import serve as run_server
 
     limits = Limits(max_body_bytes=max_body, max_inputs=max_inputs, max_text_chars=max_text)
-    run_server(run_dir, host=host, port=port, token=token, limits=limits,
+    run_server(run_dir, host=host, port=port, token=token, limits=limits, threads=threads,
                announce=lambda line: err_console.print(line, markup=False, highlight=False))
 
 
@@ -201,6 +202,8 @@ def tune(
                       pruner=pruner, overrides=set_, defaults_first=defaults)
     for table in summary_tables(result.summary):
         out_console.print(table)
+    if result.summary.get("importances_note"):
+        out_console.print(f"parameter importances: not computed ({result.summary['importances_note']})")
     best, primary = result.summary["best"], (result.best_metrics or {}).get("primary_metric", "metric")
     line = f"best trial {best['number']}: validation {primary} [bold]{best['value']:.4f}[/bold]"
     default = result.summary.get("defaults") or {}
