@@ -25,8 +25,10 @@ def predict(run_dir: str | Path, input_path: str | Path, batch_size: int = 64) -
     if model_dir is None:
         raise RecipeError(f"RUN_DIR: {run_dir} has no model/ folder with honed.json; was the run finished?")
     meta = json.loads((model_dir / "honed.json").read_text())
-    frame = read_table(input_path, "INPUT")
     dev = pick_device()
+    if meta.get("family") == "hf-image":
+        return _predict_images(model_dir, meta, Path(input_path), resolve_precision(meta.get("precision", "auto"), dev), dev, batch_size)
+    frame = read_table(input_path, "INPUT")
     # the precision the run was evaluated in, so predictions match predictions.csv
     precision = resolve_precision(meta.get("precision", "auto"), dev)
     if meta.get("family") == "mlp":
@@ -65,3 +67,28 @@ def _with_predictions(frame: pd.DataFrame, logits: torch.Tensor, labels: list[st
     for i, label in enumerate(labels):
         out[f"prob_{label}"] = probs[:, i].round(6)
     return out
+
+
+def _predict_images(model_dir: Path, meta: dict, input_path: Path, precision: str, dev, batch_size: int) -> pd.DataFrame:
+    """INPUT is a folder of images (searched recursively) or a table with the run's image column."""
+    from .data.images import IMAGE_SUFFIXES, check_images
+    from .tasks import image
+
+    if not input_path.exists():
+        raise DataError(f"INPUT: {input_path} not found; give an image folder or a CSV of image paths")
+    if input_path.is_dir():
+        paths = sorted(str(p) for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise DataError(f"INPUT: {input_path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        frame = pd.DataFrame({"path": paths})
+    else:
+        table = read_table(input_path, "INPUT")
+        column = meta.get("image_column", "image")
+        if column not in table.columns:
+            raise DataError(f"INPUT: column '{column}' not found in {input_path.name} (columns: {', '.join(map(str, table.columns[:30]))})")
+        frame = table.assign(path=[str((input_path.parent / str(p)).resolve()) for p in table[column]])
+    frame = check_images(frame, "INPUT", 1.0, [])
+    bundle = load_saved(model_dir)
+    split = image.encode(bundle, frame, None, None)
+    logits = image.predict(bundle.model.to(dev), split, 0, batch_size, precision, dev)
+    return _with_predictions(frame, logits, bundle.labels)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data.audit import audit_text_splits
 from .data.load import read_table
+from .data.images import audit_images, load_image_splits
 from .data.tabular import audit_tabular, fit_preprocessor, infer_types, load_tabular_splits
 from .data.text import TextSplits, label_to_str, load_text_splits
 from .errors import DataError, RecipeError
@@ -32,7 +33,7 @@ from .guards.forgetting import choose_interpolation_alpha, forgetting_guard, int
 from .guards.overfit import overfitting_guard
 from .guards.status import guard_result, skipped
 from .methods import METHODS
-from .models.load import ModelBundle, _relabel, load_pretrained, load_saved, logits_of, run_model_dir, save_model, scratch_copy
+from .models.load import ModelBundle, _relabel, load_hf_image, load_pretrained, load_saved, logits_of, run_model_dir, save_model, scratch_copy
 from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import TASKS
 from .tasks import text_classification as tc
@@ -94,6 +95,7 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     ("hf", "full"): 3e-5, ("hf", "freeze"): 5e-5, ("hf", "lora"): 2e-4, ("hf", "lp-ft"): 2e-5,
     # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
     ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
+    ("hf-image", "full"): 5e-5, ("hf-image", "freeze"): 5e-5, ("hf-image", "lora"): 2e-4, ("hf-image", "lp-ft"): 3e-5,
     # small tabular MLPs: Adam's usual 1e-3
     ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
 }
@@ -170,6 +172,10 @@ def prepare(source, overrides=None):
     recipe = load_recipe(source, overrides)
     if recipe.task.startswith("tabular"):
         splits = load_tabular_splits(recipe, recipe.train.seed)
+    elif recipe.task == "image-classification":
+        if not isinstance(recipe.model, str):
+            raise RecipeError("model: image-classification needs a checkpoint folder, a Hub id or a honed image run")
+        splits = load_image_splits(recipe, recipe.train.seed)
     else:
         if not isinstance(recipe.model, str):
             raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
@@ -189,8 +195,15 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device()
-    task = TASKS[recipe.task]
-    bundle = load_tabular_model(recipe, splits) if recipe.task.startswith("tabular") else load_pretrained(recipe.model, splits.labels, recipe)
+    task = dict(TASKS[recipe.task])
+    if "batches_for" in task:  # batches that depend on the recipe (image augmentation)
+        task["batches"] = task["batches_for"](recipe)
+    if recipe.task.startswith("tabular"):
+        bundle = load_tabular_model(recipe, splits)
+    elif recipe.task == "image-classification":
+        bundle = load_image_model(recipe, splits.labels)
+    else:
+        bundle = load_pretrained(recipe.model, splits.labels, recipe)
     resolve_auto(recipe, bundle.family, len(splits.train))
     precision = resolve_precision(recipe.train.precision, dev)
     encoded = {name: task["encode"](bundle, frame, splits.labels, recipe)
@@ -205,6 +218,20 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     ctx.original_head, original_labels = _original_head(bundle)
     ctx.reference = _load_reference(recipe, bundle, encoded, original_labels)
     return ctx
+
+
+def load_image_model(recipe: Recipe, labels: list[str]) -> ModelBundle:
+    """An image checkpoint (folder or Hub id), or an earlier honed image run (given a new head when its classes differ)."""
+    path = Path(recipe.model)
+    model_dir = run_model_dir(path) if path.exists() else None
+    if model_dir is not None:
+        bundle = load_saved(model_dir)
+        if bundle.family != "hf-image":
+            raise RecipeError(f"model: {recipe.model} is a {bundle.family} run; image-classification needs an image model")
+        return _relabel(bundle, labels)
+    if path.is_absolute() and not path.exists():
+        raise RecipeError(f"model: {recipe.model} does not exist; give an image checkpoint folder, a Hub id or a honed image run")
+    return load_hf_image(recipe.model, labels, recipe)
 
 
 def load_tabular_model(recipe: Recipe, splits) -> ModelBundle:
@@ -275,6 +302,9 @@ def _load_reference(recipe: Recipe, bundle: ModelBundle, encoded: dict, original
         labels = torch.tensor([index[v] for v in values], dtype=torch.long)
     if recipe.task.startswith("tabular"):
         enc = TASKS[recipe.task]["encode"](bundle, frame.drop(columns=["label"], errors="ignore"), None, recipe)
+    elif recipe.task == "image-classification":
+        paths = [str((Path(spec.data).parent / str(p)).resolve()) for p in frame[spec.text]]
+        enc = TASKS[recipe.task]["encode"](bundle, pd.DataFrame({"path": paths}), None, recipe)
     else:
         texts = frame[spec.text].fillna("").astype(str).tolist()
         enc = tc.encode(bundle, texts, None, recipe.data.max_length)
@@ -472,6 +502,8 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     ctx = setup(recipe, splits)
     if recipe.task.startswith("tabular"):
         audit = audit_tabular(splits, ctx.bundle.preprocessor)
+    elif recipe.task == "image-classification":
+        audit = audit_images(splits)
     else:
         audit = audit_text_splits(splits, {k: v.truncated for k, v in ctx.encoded.items()}, recipe.data.max_length)
     if recipe.data.groups:
@@ -507,7 +539,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     test_preds = test_logits.argmax(-1).numpy() if classify else test_logits.numpy()
     model.cpu()
     save_model(ctx.bundle, model, run_dir / "model", {"task": recipe.task, "max_length": recipe.data.max_length,
-                                                     "text_column": recipe.data.text, "features": recipe.data.features,
+                                                     "text_column": recipe.data.text, "image_column": recipe.data.image, "features": recipe.data.features,
                                                      "precision": ctx.precision})
     _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
     model.to(ctx.device)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RecipeError
 
-TASKS = ("text-classification", "tabular-classification", "tabular-regression")
+TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression")
 METHOD_NAMES = ("full", "head", "freeze", "lora", "lp-ft")
 
 
@@ -34,9 +34,19 @@ class DataSpec(Strict):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     max_length: int = Field(128, ge=8, le=8192)
+    image: str = "image"  # image-classification from a table: the column of image paths
+    max_bad_images: float = Field(0.01, ge=0, le=1)  # share of unreadable images skipped before it is an error
     features: list[str] = Field(default_factory=list)  # tabular: the input columns
     categorical: list[str] = Field(default_factory=list)  # tabular: force these columns to be categorical
     numeric: list[str] = Field(default_factory=list)  # tabular: force these columns to be numeric
+
+
+class AugmentSpec(Strict):
+    """Train-time image augmentation (none at evaluation)."""
+
+    flip: bool = True
+    crop: float = Field(0.85, gt=0, le=1)  # smallest crop side, as a share of the image, before resizing back
+    color: float = Field(0.1, ge=0, lt=1)  # brightness/contrast jitter amplitude
 
 
 class MLPSpec(Strict):
@@ -118,7 +128,7 @@ class ReferenceSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification", "tabular-classification", "tabular-regression"] = "text-classification"
+    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression"] = "text-classification"
     model: str | MLPSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "lp-ft"] = "full"
@@ -126,6 +136,7 @@ class Recipe(Strict):
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     l2sp: L2SPSpec | None = None
     replay: ReplaySpec | None = None
+    augment: AugmentSpec | None = Field(default_factory=AugmentSpec)  # image-classification only
     interpolate: bool | list[float] = False  # WiSE-FT sweep: true → α ∈ {0, 0.1, …, 1}; or a list of α
     train: TrainSpec = Field(default_factory=TrainSpec)
     guards: GuardsSpec = Field(default_factory=GuardsSpec)

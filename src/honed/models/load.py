@@ -48,6 +48,9 @@ def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
     """Hugging Face models return an output object; honed's own return a tensor. Tables feed `x`."""
     if "x" in batch:
         return model(batch["x"])
+    if "pixel_values" in batch:
+        out = model(pixel_values=batch["pixel_values"])
+        return out if isinstance(out, torch.Tensor) else out.logits
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -297,6 +300,45 @@ def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
     return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, find_head_name(model, len(labels)), labels, str(model_dir), tokenizer)
 
 
+def load_hf_image(source: str, labels: list[str], recipe=None) -> ModelBundle:
+    """Any checkpoint AutoModelForImageClassification can load, with its image processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    _quiet_transformers()
+    trust = bool(recipe and recipe.trust_remote_code)
+    allow_pickle = bool(recipe and recipe.allow_pickle)
+    local = Path(source)
+    if local.is_absolute() or local.exists():
+        _check_hf_dir(local, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust)
+    except Exception as exc:
+        raise RecipeError(f"model: could not load an image model config and processor from {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    try:
+        model = AutoModelForImageClassification.from_pretrained(source, config=config, trust_remote_code=trust,
+                                                                use_safetensors=None if allow_pickle else True, ignore_mismatched_sizes=True)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise RecipeError(f"model: {source} cannot be loaded as an image classifier ({str(exc).splitlines()[0][:200]})") from None
+    model.float()
+    return ModelBundle("hf-image", model, None, 0, find_head_name(model, len(labels)), labels, source, processor)
+
+
+def save_hf_image(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
+    model.save_pretrained(str(out), safe_serialization=True)
+    bundle.tokenizer.save_pretrained(str(out))
+    return {}
+
+
+def reload_hf_image(model_dir: Path, meta: dict) -> ModelBundle:
+    bundle = load_hf_image(str(model_dir), meta["labels"])
+    bundle.source = str(model_dir)
+    return bundle
+
+
 def _mlp_save(bundle, model, out):
     from .mlp import save_mlp
 
@@ -313,6 +355,7 @@ FAMILIES = {
     "wordllama": {"save": save_wordllama, "reload": reload_wordllama},
     "hf": {"save": save_hf, "reload": reload_hf},
     "mlp": {"save": _mlp_save, "reload": _mlp_reload},
+    "hf-image": {"save": save_hf_image, "reload": reload_hf_image},
 }
 
 
@@ -350,7 +393,7 @@ def _relabel(bundle: ModelBundle, labels: list[str]) -> ModelBundle:
     parent_name, _, attr = bundle.head_name.rpartition(".")
     parent = bundle.model.get_submodule(parent_name) if parent_name else bundle.model
     setattr(parent, attr, new)
-    if bundle.family == "hf":
+    if bundle.family in ("hf", "hf-image"):
         cfg = bundle.model.config
         cfg.num_labels = len(labels)
         cfg.id2label = dict(enumerate(labels))
@@ -410,6 +453,10 @@ def scratch_copy(bundle: ModelBundle) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         fresh = AutoModelForSequenceClassification.from_config(model.config)
+    elif bundle.family == "hf-image":
+        from transformers import AutoModelForImageClassification
+
+        fresh = AutoModelForImageClassification.from_config(model.config)
     elif bundle.family == "mlp":
         from .mlp import TabularMLP
 

@@ -3,6 +3,7 @@
 The pipeline calls only these entries, so a new task is a new row here, not a new branch there.
 """
 
+from . import image
 from . import tabular as tab
 from . import text_classification as tc
 
@@ -33,6 +34,8 @@ TEXT = {"kind": "classification", "primary": "accuracy", "encode": _encode_text,
 
 TASKS = {
     "text-classification": TEXT,
+    "image-classification": {**TEXT, "encode": image.encode, "subset": image.subset, "collate": image.collate,
+                             "batches_for": image.make_batches, "predict": image.predict, "features": image.features},
     "tabular-classification": {**TEXT, "encode": _encode_table, "subset": tab.subset, "collate": tab.collate,
                                "batches": tab.batches, "predict": tab.predict, "features": tab.features,
                                "metrics": tab.classification_metrics},

@@ -3,6 +3,7 @@ evaluation, cached backbone features and the linear probe."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..models.load import ModelBundle, logits_of
 from ..train.loop import Batches
-from ..train.precision import autocast
+from ..train.precision import autocast, fit_threads
 
 MEGABATCH = 50  # batches per length-sorted pool, as in Hugging Face's group_by_length
 
@@ -101,25 +102,60 @@ def head_loss(head: nn.Module, batch: dict) -> torch.Tensor:
     return F.cross_entropy(head(batch["features"]).float(), batch["labels"])
 
 
+@contextmanager
+def inference_weights(model: nn.Module, precision: str):
+    """For a whole inference pass in bf16: the linear layers' fp32 weights swapped for bf16 copies.
+
+    Autocast casts exactly these tensors (a linear's weight and bias) to bf16 for every batch when
+    the weights are frozen or no autocast cache applies; casting them once gives the same numbers
+    for a fraction of the memory traffic. The fp32 tensors are swapped back afterwards (exactly).
+    """
+    if precision != "bf16":
+        yield
+        return
+    saved = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                for p in (module.weight, module.bias):
+                    if p is not None and p.dtype == torch.float32:  # a tied weight is cast once
+                        saved.append((p, p.data))
+                        p.data = p.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for p, data in reversed(saved):
+            p.data = data
+
+
+def _sorted_batches(split: EncodedSplit, pad_id: int, batch_size: int):
+    """Batches in descending length order (little padding), with the order to undo it."""
+    order = torch.argsort(split.lengths, descending=True, stable=True)
+    return order, (collate(split, order[start : start + batch_size], pad_id) for start in range(0, len(order), batch_size))
+
+
+def _unsort(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: EncodedSplit, pad_id: int, batch_size: int, precision: str, device) -> torch.Tensor:
     """Logits in the split's order; batches are sorted by length so evaluation pads little."""
+    fit_threads(precision, device)
     was_training = model.training
     model.eval()
-    order = torch.argsort(split.lengths, descending=True, stable=True)
-    out = torch.empty((len(split), 0))
+    order, batches = _sorted_batches(split, pad_id, batch_size)
     chunks = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate(split, idx, pad_id)
-        with autocast(precision, device):
-            logits = logits_of(model, {k: v.to(device) for k, v in batch.items()})
-        chunks.append(logits.float().cpu())
-    logits = torch.cat(chunks)
-    out = torch.empty_like(logits)
-    out[order] = logits
-    model.train(was_training)
-    return out
+    try:
+        with inference_weights(model, precision), autocast(precision, device):
+            for batch in batches:
+                logits = logits_of(model, {k: v.to(device) for k, v in batch.items()})
+                chunks.append(logits.float().cpu())
+    finally:
+        model.train(was_training)
+    return _unsort(torch.cat(chunks), order)
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -138,22 +174,18 @@ def extract_features(bundle: ModelBundle, model: nn.Module, split: EncodedSplit,
     captured = []
     head = model.get_submodule(bundle.head_name) if bundle.head_name in dict(model.named_modules()) else bundle.head()
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
+    fit_threads(precision, device)
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
-        order = torch.argsort(split.lengths, descending=True, stable=True)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate(split, idx, bundle.pad_id)
-            with autocast(precision, device):
+        order, batches = _sorted_batches(split, bundle.pad_id, batch_size)
+        with inference_weights(model, precision), autocast(precision, device):
+            for batch in batches:
                 logits_of(model, {k: v.to(device) for k, v in batch.items()})
-        model.train(was_training)
     finally:
+        model.train(was_training)
         handle.remove()
-    feats = torch.cat(captured)
-    out = torch.empty_like(feats)
-    out[order] = feats
-    return out
+    return _unsort(torch.cat(captured), order)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x, val_y, test_x, test_y, seed: int) -> dict:

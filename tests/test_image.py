@@ -1,0 +1,111 @@
+"""Image classification end to end on a tiny ViT (width 32, 2 layers) and generated images."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image
+
+import honed
+from honed.cli import main
+
+
+def build_tiny_vit(folder):
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    import torch
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def stripes(folder, n_per_class: int, seed: int):
+    """Two classes anyone can tell apart: horizontal vs vertical stripes, with noise."""
+    rng = random.Random(seed)
+    for label in ("horizontal", "vertical"):
+        (folder / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = Image.new("RGB", (32, 32))
+            period = rng.choice([4, 6, 8])
+            for y in range(32):
+                for x in range(32):
+                    on = ((y if label == "horizontal" else x) // (period // 2)) % 2
+                    v = 200 * on + rng.randint(0, 55)
+                    img.putpixel((x, y), (v, v, v))
+            img.save(folder / label / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return build_tiny_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return stripes(tmp_path_factory.mktemp("images") / "train", 40, seed=1)
+
+
+@pytest.mark.parametrize("method", ["full", "head"])
+def test_image_run_predict_report(method, vit, image_folder, tmp_path, capsys):
+    recipe = {"task": "image-classification", "model": str(vit), "data": {"train": str(image_folder)}, "method": method,
+              "train": {"epochs": 12, "lr": 3e-3, "batch_size": 16, "precision": "fp32", "patience": None, "eval_every": 8},
+              "guards": {"baseline": False}, "out": str(tmp_path / "run")}
+    result = honed.run(recipe, show_progress=False)
+    metrics = result.metrics
+    assert metrics["task"] == "image-classification"
+    assert metrics["test"]["accuracy"] >= 0.75, metrics["test"]
+    assert metrics["guards"]["forgetting"]["details"]["cka"] is not None
+    frame = honed.predict(result.run_dir, image_folder)
+    assert len(frame) == 80 and set(frame["prediction"]) <= {"horizontal", "vertical"}
+    from transformers import AutoModelForImageClassification
+
+    assert AutoModelForImageClassification.from_pretrained(result.run_dir / "model").config.num_labels == 2
+
+
+def test_corrupt_images_are_skipped_below_the_threshold_and_refused_above(vit, tmp_path, capsys):
+    folder = stripes(tmp_path / "imgs", 20, seed=2)
+    (folder / "vertical" / "broken.png").write_bytes(b"not an image at all")
+    (folder / "vertical" / "empty.png").write_bytes(b"")
+    base = {"task": "image-classification", "model": str(vit), "data": {"train": str(folder), "max_bad_images": 0.1},
+            "train": {"epochs": 1, "precision": "fp32"}, "guards": {"baseline": False}, "out": str(tmp_path / "ok")}
+    result = honed.run(base, show_progress=False)
+    audit = json.loads((result.run_dir / "audit.json").read_text())
+    assert any("broken.png" in f["message"] and "empty.png" in f["message"] for f in audit["findings"])
+
+    import yaml
+
+    strict = dict(base, out=str(tmp_path / "strict"))
+    strict["data"] = dict(base["data"], max_bad_images=0.01)
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(strict))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 3 and "broken.png" in err and "cannot be read" in err
+    assert not (tmp_path / "strict").exists()
+
+
+def test_missing_image_in_csv_and_non_image_predict_input(vit, image_folder, tmp_path, capsys):
+    table = tmp_path / "images.csv"
+    rows = [f"{p},{p.parent.name}" for p in sorted(image_folder.rglob("*.png"))]
+    rows.append("does/not/exist.png,vertical")
+    table.write_text("image,label\n" + "\n".join(rows) + "\n")
+    recipe = {"task": "image-classification", "model": str(vit), "data": {"train": str(table), "max_bad_images": 0.05},
+              "train": {"epochs": 1, "precision": "fp32"}, "guards": {"baseline": False}, "out": str(tmp_path / "run")}
+    result = honed.run(recipe, show_progress=False)
+    audit = json.loads((result.run_dir / "audit.json").read_text())
+    assert any("exist.png" in f["message"] for f in audit["findings"])
+    not_images = tmp_path / "notimages"
+    not_images.mkdir()
+    (not_images / "a.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(result.run_dir), str(not_images)])
+    assert exc.value.code == 3 and "no images" in capsys.readouterr().err
