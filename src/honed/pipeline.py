@@ -32,6 +32,7 @@ from .guards import data_curve
 from .guards.forgetting import choose_interpolation_alpha, forgetting_guard, interpolate_state, linear_cka
 from .guards.overfit import overfitting_guard
 from .guards.status import guard_result, skipped
+from .memory import check_memory, estimate_training_memory
 from .methods import METHODS
 from .models.load import ModelBundle, _relabel, load_hf_image, load_pretrained, load_saved, logits_of, run_model_dir, save_model, scratch_copy
 from .recipe import Recipe, dump_recipe, load_recipe
@@ -206,6 +207,8 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
         bundle = load_pretrained(recipe.model, splits.labels, recipe)
     resolve_auto(recipe, bundle.family, len(splits.train))
     precision = resolve_precision(recipe.train.precision, dev)
+    memory = _memory_estimate(recipe, bundle, precision)
+    check_memory(memory, dev, recipe.method, recipe.train.batch_size)
     encoded = {name: task["encode"](bundle, frame, splits.labels, recipe)
                for name, frame in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
     bundle.model.to(dev)
@@ -215,9 +218,25 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:TRAIN_EVAL_ROWS]
     ctx = Context(recipe, splits, task, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
                   encoded, features, precision, dev, eval_bs, train_eval_idx)
+    ctx.extra["memory_estimate"] = memory
     ctx.original_head, original_labels = _original_head(bundle)
     ctx.reference = _load_reference(recipe, bundle, encoded, original_labels)
     return ctx
+
+
+def _memory_estimate(recipe: Recipe, bundle: ModelBundle, precision: str) -> dict:
+    model = bundle.model
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in bundle.head().parameters())
+    fraction = {"head": head / total, "lora": 0.02 + head / total, "freeze": 0.5}.get(recipe.method, 1.0)
+    if recipe.task == "text-classification":
+        seq_len = recipe.data.max_length
+    elif recipe.task == "image-classification":
+        size, patch = getattr(model.config, "image_size", 224), getattr(model.config, "patch_size", 16)
+        seq_len = (size // patch) ** 2 + 1 if isinstance(size, int) and isinstance(patch, int) else 197
+    else:
+        seq_len = 1
+    return estimate_training_memory(model, recipe.train.batch_size, seq_len, precision, fraction)
 
 
 def load_image_model(recipe: Recipe, labels: list[str]) -> ModelBundle:
@@ -571,6 +590,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels) if classify else None,
         "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
                    "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": _peak_rss_mb(), "threads": threads,
+                   "memory_estimate_mb": round(ctx.extra["memory_estimate"]["total_mb"], 1),
                    "precision": ctx.precision, "device": str(ctx.device)},
         "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(), "steps": sum(o.steps for o in outcomes),
                 "stopped_early": any(o.stopped_early for o in outcomes), "seed": seed},
