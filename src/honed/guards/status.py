@@ -17,7 +17,9 @@ def guard_result(status: str, summary: str, details: dict) -> dict:
         raise ValueError(f"The 'summary' of a guard must be a string. Got {type(summary).__name__} instead.")
     if not isinstance(details, dict):
         raise ValueError(f"The 'details' of a guard must be a dict. Got {type(details).__name__} instead.")
-    return {"status": status, "summary": summary, "details": details}
+    summary = summary.strip()
+    # summaries are sentences a person reads first: start them with a capital
+    return {"status": status, "summary": summary[:1].upper() + summary[1:], "details": details}
 
 
 def skipped(reason: str) -> dict:
