@@ -73,7 +73,7 @@ def test_cka_rejects_bad_inputs(x, y, match):
 
 
 def test_guard_result_validates_status():
-    assert skipped("no reference set") == {"status": "skipped", "summary": "no reference set", "details": {}}
+    assert skipped("no reference set") == {"status": "skipped", "summary": "No reference set", "details": {}}
     with pytest.raises(ValueError, match="status"):
         guard_result("passed", "x", {})
 
