@@ -12,6 +12,7 @@ from torch import nn
 from ..train.loop import Batches
 from ..train.precision import autocast
 from . import text_classification as tc
+from .tabular import head_inputs, shuffled_plan
 
 
 @dataclass
@@ -82,11 +83,6 @@ def make_batches(recipe):
     spec = recipe.augment
 
     def batches(split: ImageSplit, batch_size: int, seed: int, pad_id: int = 0, group_by_length: bool = False) -> Batches:
-        def plan(epoch: int) -> list[list[int]]:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(split), generator=g)
-            return [perm[i : i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
-
         def train_collate(indices):
             batch = collate(split, indices)
             if spec is not None:
@@ -94,7 +90,7 @@ def make_batches(recipe):
                 batch["pixel_values"] = augment(batch["pixel_values"], spec, g)
             return batch
 
-        return Batches(size=len(split), plan=plan, collate=train_collate)
+        return Batches(size=len(split), plan=shuffled_plan(len(split), batch_size, seed), collate=train_collate)
 
     return batches
 
@@ -112,16 +108,7 @@ def predict(model: nn.Module, split: ImageSplit, pad_id: int, batch_size: int, p
     return torch.cat(chunks)
 
 
-@torch.no_grad()
-def features(bundle, model: nn.Module, split: ImageSplit, batch_size: int, precision: str, device) -> torch.Tensor:
-    captured = []
-    head = dict(model.named_modules())[bundle.head_name]
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
-    try:
-        predict(model, split, 0, batch_size, precision, device)
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+features = head_inputs(predict)
 
 
 loss = tc.classification_loss

@@ -48,13 +48,18 @@ def collate(split: TabularSplit, indices, pad_id: int = 0) -> dict:
     return {"x": split.x[idx], "labels": split.labels[idx]}
 
 
-def batches(split: TabularSplit, batch_size: int, seed: int, pad_id: int = 0, group_by_length: bool = False) -> Batches:
+def shuffled_plan(n: int, batch_size: int, seed: int):
+    """plan(epoch): a seeded shuffle split into batches; the same epoch always gives the same batches."""
     def plan(epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(split), generator=g)
-        return [perm[i : i + batch_size].tolist() for i in range(0, len(perm), batch_size)]
+        perm = torch.randperm(n, generator=g)
+        return [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
 
-    return Batches(size=len(split), plan=plan, collate=lambda idx: collate(split, idx))
+    return plan
+
+
+def batches(split: TabularSplit, batch_size: int, seed: int, pad_id: int = 0, group_by_length: bool = False) -> Batches:
+    return Batches(size=len(split), plan=shuffled_plan(len(split), batch_size, seed), collate=lambda idx: collate(split, idx))
 
 
 def regression_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -79,16 +84,23 @@ def predict(model: nn.Module, split: TabularSplit, pad_id: int, batch_size: int,
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
-@torch.no_grad()
-def features(bundle, model: nn.Module, split: TabularSplit, batch_size: int, precision: str, device) -> torch.Tensor:
-    captured = []
-    head = dict(model.named_modules())[bundle.head_name]
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
-    try:
-        predict(model, split, 0, batch_size, precision, device)
-    finally:
-        handle.remove()
-    return torch.cat(captured) if captured else torch.zeros(0)
+def head_inputs(predict_fn):
+    """features(...) for a task: the head's input, captured by a hook while predict_fn runs."""
+    @torch.no_grad()
+    def features(bundle, model: nn.Module, split, batch_size: int, precision: str, device) -> torch.Tensor:
+        captured = []
+        head = dict(model.named_modules())[bundle.head_name]
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
+        try:
+            predict_fn(model, split, 0, batch_size, precision, device)
+        finally:
+            handle.remove()
+        return torch.cat(captured) if captured else torch.zeros(0)
+
+    return features
+
+
+features = head_inputs(predict)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
