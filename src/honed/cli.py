@@ -46,10 +46,10 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
         line += f"   linear probe (pre-trained): {probe:.4f}"
     if majority is not None:
         line += f"   majority class: {majority:.4f}"
-    out_console.print(line)
+    out_console.print(line, soft_wrap=True)
     timing = metrics.get("timing", {})
     out_console.print(f"trained in {timing.get('train_seconds', 0):.1f} s ({timing.get('samples_per_second', 0):.1f} samples/s, {timing.get('precision')})")
-    out_console.print(f"run directory: [bold]{run_dir}[/bold]  (report: {run_dir / 'report.html'})")
+    out_console.print(f"run directory: [bold]{run_dir}[/bold]  (report: {run_dir / 'report.html'})", soft_wrap=True)
 
 
 @app.command()
