@@ -21,11 +21,10 @@ def run(recipe, overrides=None, **kwargs):
 
 def check(recipe, overrides=None) -> dict:
     """Validate the recipe and audit its data without training; returns the audit."""
-    from .data.audit import audit_text_splits
-    from .pipeline import prepare
+    from .pipeline import check_audit, prepare
 
-    _, splits = prepare(recipe, overrides)
-    return audit_text_splits(splits)
+    resolved, splits = prepare(recipe, overrides)
+    return check_audit(resolved, splits)
 
 
 def predict(run_dir, input_path):

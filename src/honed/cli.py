@@ -43,7 +43,8 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
     majority = metrics.get("majority", {}).get(primary)
     line = f"test {primary}: [bold]{test:.4f}[/bold]"
     if probe is not None:
-        line += f"   linear probe (pre-trained): {probe:.4f}"
+        what = "pre-trained model" if metrics.get("task") == "chat" else "linear probe (pre-trained)"
+        line += f"   {what}: {probe:.4f}"
     if majority is not None:
         line += f"   majority class: {majority:.4f}"
     out_console.print(line, soft_wrap=True)
@@ -81,22 +82,22 @@ def check(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. -s data.label=stars."),
 ):
     """Validate the recipe and audit the data, without loading a model or training."""
-    from .data.audit import audit_text_splits
-    from .pipeline import prepare
+    from .pipeline import check_audit, prepare
 
     resolved, splits = prepare(str(recipe), set_)
-    audit = audit_text_splits(splits)
+    audit = check_audit(resolved, splits)
     table = Table(title=f"data audit: {recipe}")
     table.add_column("split")
     table.add_column("rows", justify="right")
     table.add_column("classes")
     for name, info in audit["splits"].items():
-        table.add_row(name, str(info["rows"]), ", ".join(f"{k}: {v}" for k, v in info["class_counts"].items())[:200])
+        table.add_row(name, str(info["rows"]), ", ".join(f"{k}: {v}" for k, v in info.get("class_counts", {}).items())[:200])
     out_console.print(table)
     for finding in audit["findings"]:
         style = {"warn": "yellow", "error": "red"}.get(finding["level"], "dim")
         out_console.print(f"[{style}]{finding['level']}[/{style}] {finding['message']}")
-    out_console.print(f"recipe ok: task {resolved.task}, model {resolved.model}, method {resolved.method}")
+    model = resolved.model if isinstance(resolved.model, str) else resolved.model.architecture
+    out_console.print(f"recipe ok: task {resolved.task}, model {model}, method {resolved.method}")
 
 
 @app.command()

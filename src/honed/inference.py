@@ -26,6 +26,10 @@ def predict(run_dir: str | Path, input_path: str | Path, batch_size: int = 64) -
         raise RecipeError(f"RUN_DIR: {run_dir} has no model/ folder with honed.json; was the run finished?")
     meta = json.loads((model_dir / "honed.json").read_text())
     dev = pick_device()
+    if meta.get("family") == "causal-lm":  # task: chat — a JSONL of conversations → the assistant's replies
+        from .tasks.chat import predict_conversations
+
+        return predict_conversations(model_dir, meta, Path(input_path))
     if meta.get("family") == "hf-image":
         return _predict_images(model_dir, meta, Path(input_path), resolve_precision(meta.get("precision", "auto"), dev), dev, batch_size)
     frame = read_table(input_path, "INPUT")

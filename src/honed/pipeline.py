@@ -99,6 +99,8 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     ("hf-image", "full"): 5e-5, ("hf-image", "freeze"): 5e-5, ("hf-image", "lora"): 2e-4, ("hf-image", "lp-ft"): 3e-5,
     # small tabular MLPs: Adam's usual 1e-3
     ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
+    # causal LMs (task: chat): instruction-tuning defaults
+    ("causal-lm", "full"): 2e-5, ("causal-lm", "freeze"): 3e-5, ("causal-lm", "lora"): 2e-4,
 }
 AUTO_HEAD_LR = 1e-2  # on standardised features
 
@@ -177,6 +179,19 @@ def prepare(source, overrides=None):
         if not isinstance(recipe.model, str):
             raise RecipeError("model: image-classification needs a checkpoint folder, a Hub id or a honed image run")
         splits = load_image_splits(recipe, recipe.train.seed)
+    elif recipe.task == "chat":
+        from .data.chat import load_chat_splits
+
+        if not isinstance(recipe.model, str):
+            raise RecipeError("model: chat needs a causal language model checkpoint folder, a Hub id or a honed chat run")
+        if recipe.method not in ("lora", "full", "freeze"):
+            raise RecipeError(f"method: chat fine-tunes with lora, full or freeze; got {recipe.method!r}")
+        if recipe.replay is not None:
+            raise RecipeError("replay: not available for task chat yet; remove the replay section (lora, freeze or interpolate limit forgetting)")
+        if recipe.reference is not None and recipe.reference.label is not None:
+            raise RecipeError("reference.label: chat measures forgetting as perplexity on reference text; remove reference.label")
+        splits = load_chat_splits(recipe, recipe.train.seed)
+        return recipe, splits
     else:
         if not isinstance(recipe.model, str):
             raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
@@ -184,6 +199,19 @@ def prepare(source, overrides=None):
     if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
         raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")
     return recipe, splits
+
+
+def check_audit(recipe: Recipe, splits) -> dict:
+    """The audit `honed check` shows: everything that needs no model."""
+    if recipe.task.startswith("tabular"):
+        numeric, categorical = infer_types(splits.train, recipe.data.features, recipe.data.categorical, recipe.data.numeric)
+        return audit_tabular(splits, fit_preprocessor(splits.train, numeric, categorical))
+    if recipe.task == "image-classification":
+        return audit_images(splits)
+    if recipe.task == "chat":  # token-level figures need the tokenizer: `honed run` reports them
+        return {"findings": list(splits.notes),
+                "splits": {name: {"rows": int(len(getattr(splits, name)))} for name in ("train", "validation", "test")}}
+    return audit_text_splits(splits)
 
 
 def main_seed(recipe: Recipe) -> int:
@@ -203,6 +231,12 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
         bundle = load_tabular_model(recipe, splits)
     elif recipe.task == "image-classification":
         bundle = load_image_model(recipe, splits.labels)
+    elif recipe.task == "chat":
+        from .models.causal_lm import load_causal_lm, lora_targets
+
+        bundle = load_causal_lm(recipe.model, recipe)
+        if recipe.lora.target_modules is None:  # the blocks' projections; lm_head stays out
+            recipe.lora.target_modules = lora_targets(bundle.model, bundle.head_name)
     else:
         bundle = load_pretrained(recipe.model, splits.labels, recipe)
     resolve_auto(recipe, bundle.family, len(splits.train))
@@ -219,6 +253,11 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     ctx = Context(recipe, splits, task, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
                   encoded, features, precision, dev, eval_bs, train_eval_idx)
     ctx.extra["memory_estimate"] = memory
+    if recipe.task == "chat":  # no original head; forgetting is perplexity and drift on reference text
+        from .tasks import chat
+
+        ctx.reference = chat.load_reference(recipe, bundle, encoded)
+        return ctx
     ctx.original_head, original_labels = _original_head(bundle)
     ctx.reference = _load_reference(recipe, bundle, encoded, original_labels)
     return ctx
@@ -229,7 +268,7 @@ def _memory_estimate(recipe: Recipe, bundle: ModelBundle, precision: str) -> dic
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in bundle.head().parameters())
     fraction = {"head": head / total, "lora": 0.02 + head / total, "freeze": 0.5}.get(recipe.method, 1.0)
-    if recipe.task == "text-classification":
+    if recipe.task in ("text-classification", "chat"):
         seq_len = recipe.data.max_length
     elif recipe.task == "image-classification":
         size, patch = getattr(model.config, "image_size", 224), getattr(model.config, "patch_size", 16)
@@ -523,6 +562,10 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         audit = audit_tabular(splits, ctx.bundle.preprocessor)
     elif recipe.task == "image-classification":
         audit = audit_images(splits)
+    elif recipe.task == "chat":
+        from .data.chat import audit_chat
+
+        audit = audit_chat(splits, ctx.encoded, recipe.data.max_length, recipe.data.packing)
     else:
         audit = audit_text_splits(splits, {k: v.truncated for k, v in ctx.encoded.items()}, recipe.data.max_length)
     if recipe.data.groups:
@@ -537,8 +580,14 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
 
     seed = main_seed(recipe)
     task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
-    probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
-                          ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
+    lm = task["kind"] == "lm"  # task: chat — no linear probe, majority class, confusion matrix or bias guard
+    if lm:
+        from .tasks import chat
+
+        before = chat.before_fine_tuning(ctx)  # the pre-trained model: reference perplexity, features, generations
+    else:
+        probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
+                              ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
     progress = TrainingProgress(enabled=show_progress)
 
     def on_history(records: list[dict]) -> None:
@@ -551,7 +600,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     write_history(run_dir, history)
     train_seconds = sum(o.train_seconds for o in outcomes)
 
-    forgetting, model = _forgetting(ctx, model, progress)
+    forgetting, model = chat.forgetting(ctx, model, before) if lm else _forgetting(ctx, model, progress)
     val_metrics = _evaluate(ctx, model, "validation")
     test_logits = _logits(ctx, model, ctx.encoded["test"])  # the test split is touched once, here
     test_metrics = task["metrics"](test_logits, ctx.encoded["test"].labels)
@@ -559,8 +608,11 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     model.cpu()
     save_model(ctx.bundle, model, run_dir / "model", {"task": recipe.task, "max_length": recipe.data.max_length,
                                                      "text_column": recipe.data.text, "image_column": recipe.data.image, "features": recipe.data.features,
-                                                     "precision": ctx.precision})
-    _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
+                                                     "precision": ctx.precision, **({"messages_column": recipe.data.messages} if lm else {})})
+    if lm:
+        chat.write_predictions(run_dir / "predictions.csv", splits.test, test_logits)
+    else:
+        _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
     model.to(ctx.device)
 
     seeds = {seed: test_metrics[primary]}
@@ -568,14 +620,16 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         _say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
         other, _, _ = fine_tune(ctx, extra_seed, progress=quiet())
         seeds[extra_seed] = _evaluate(ctx, other, "test")[primary]
-    majority = _majority(ctx)
+    majority = None if lm else _majority(ctx)
     guards = {
-        "overfitting": overfitting_guard(history, outcomes[-1].best_step, primary, recipe.guards.overfitting.max_gap,
-                                         test_preds if classify else None, len(ctx.bundle.labels), seeds if len(seeds) > 1 else None),
+        "overfitting": chat.overfitting(history, outcomes[-1].best_step, recipe.guards.overfitting.max_gap, seeds if len(seeds) > 1 else None) if lm else
+        overfitting_guard(history, outcomes[-1].best_step, primary, recipe.guards.overfitting.max_gap,
+                          test_preds if classify else None, len(ctx.bundle.labels), seeds if len(seeds) > 1 else None),
         "forgetting": forgetting,
         "data": _data_guard(ctx, history, show_progress),
         "bias": _bias(ctx, test_preds, probe["test_predictions"]) if classify else skipped("the bias guard covers classification tasks in this version"),
-        "baseline": _baseline(ctx, test_metrics, probe, majority, train_seconds, show_progress),
+        "baseline": chat.baseline(ctx, test_metrics, before, train_seconds, show_progress) if lm else
+        _baseline(ctx, test_metrics, probe, majority, train_seconds, show_progress),
     }
     samples = sum(o.samples_seen for o in outcomes)
     metrics = {
@@ -583,8 +637,9 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         "primary_metric": primary,
         "test": test_metrics,
         "validation": val_metrics,
-        "pretrained": {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
-        "majority": {primary: majority},
+        "pretrained": {**before["test"], "method": "the pre-trained model, before fine-tuning"} if lm else
+        {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
+        "majority": {} if lm else {primary: majority},
         "seeds": {str(k): v for k, v in seeds.items()},
         "guards": guards,
         "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels) if classify else None,
@@ -595,6 +650,9 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(), "steps": sum(o.steps for o in outcomes),
                 "stopped_early": any(o.stopped_early for o in outcomes), "seed": seed},
     }
+    if lm:  # replies to a few validation prompts, greedy, before and after fine-tuning
+        metrics["generations"] = chat.generation_records(before, chat.generations(model, ctx.bundle.tokenizer, before["prompts"], ctx.device))
+        guards["baseline"]["details"]["generations"] = metrics["generations"]  # the report renders guard details
     if guards["overfitting"]["details"].get("seeds"):
         metrics["guards"]["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
     write_json_atomic(run_dir / "metrics.json", metrics)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecipeError
 
-TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression")
+TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression", "chat")
 METHOD_NAMES = ("full", "head", "freeze", "lora", "lp-ft")
 
 
@@ -39,6 +39,9 @@ class DataSpec(Strict):
     features: list[str] = Field(default_factory=list)  # tabular: the input columns
     categorical: list[str] = Field(default_factory=list)  # tabular: force these columns to be categorical
     numeric: list[str] = Field(default_factory=list)  # tabular: force these columns to be numeric
+    messages: str = "messages"  # chat: the column holding the list of {role, content} messages
+    chat_template: str | None = None  # chat: a Jinja template (or a .jinja file) when the tokenizer has none
+    packing: bool = True  # chat: pack short conversations into sequences of max_length tokens
 
 
 class AugmentSpec(Strict):
@@ -128,7 +131,7 @@ class ReferenceSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression"] = "text-classification"
+    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "chat"] = "text-classification"
     model: str | MLPSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "lp-ft"] = "full"
@@ -146,6 +149,14 @@ class Recipe(Strict):
     allow_pickle: bool = False
     # where relative paths were resolved from; not a recipe key a user writes
     base_dir: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_defaults_to_lora(cls, data):
+        """task: chat fine-tunes with LoRA unless the recipe names a method (the other tasks default to full)."""
+        if isinstance(data, dict) and data.get("task") == "chat" and data.get("method") is None:
+            data = {**data, "method": "lora"}
+        return data
 
 
 def _submodel(annotation) -> type[BaseModel] | None:

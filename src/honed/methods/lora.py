@@ -27,6 +27,8 @@ def apply(model: nn.Module, bundle, recipe) -> nn.Module:
     targets = spec.target_modules or target_modules(model, bundle.head_name)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha or 2 * spec.r, lora_dropout=spec.dropout, target_modules=targets)
     peft_model = get_peft_model(model, config)
+    if bundle.family == "causal-lm":
+        return peft_model  # a language model keeps its output layer (often tied to the embeddings) frozen
     head_prefix = bundle.head_name.rpartition(".")[0] or bundle.head_name
     for name, p in model.named_parameters():
         if name.startswith(head_prefix):

@@ -168,6 +168,9 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise RecipeError(f"model: {path} has a config.json but no weights (*.safetensors)")
+    if not has_safetensors and allow_pickle:
+        for weights in sorted(path.glob("pytorch_model*.bin")):
+            _check_pickle_weights(weights)
     for weights in sorted(path.glob("*.safetensors")):
         try:  # reads only the header, which also checks the file is as long as the header says
             with safe_open(str(weights), framework="pt"):
@@ -176,6 +179,32 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
             raise RecipeError(
                 f"model: {weights} is damaged or incomplete ({str(exc).splitlines()[0][:160]}); copy or download it again"
             ) from None
+
+
+def _check_pickle_weights(weights: Path) -> None:
+    """allow_pickle: true still never runs code: the file must load with torch.load(weights_only=True)
+    (tensors and plain containers only), whatever the transformers version does with it afterwards."""
+    import pickle
+    import re
+
+    try:
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            torch.load(weights, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot be mmapped
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        text = str(exc)
+        found = re.search(r"(unsupported (global|operand)[^\n]*?)(\.?\n|\.\s|$)", text, re.IGNORECASE)
+        if found or isinstance(exc, pickle.UnpicklingError):
+            why = found.group(1).strip()[:200] if found else "objects weights_only loading refuses"
+            raise RecipeError(
+                f"model: {weights} holds more than tensors ({why}): unpickling it would run code, so it is refused even with "
+                "allow_pickle: true (pickle weights are loaded with weights_only=True); get safetensors weights from a source you trust"
+            ) from None
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise RecipeError(f"model: {weights} cannot be read as PyTorch weights ({type(exc).__name__}: {first}); copy or download it again") from None
 
 
 def _quiet_transformers() -> None:
@@ -213,6 +242,8 @@ def _hf_tokenizer(source: str, trust_remote_code: bool):
 
 def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     """Any checkpoint AutoModelForSequenceClassification can load, by folder or Hub id."""
+    import pickle
+
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -251,7 +282,7 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     except ValueError as exc:
         first = str(exc).splitlines()[0][:240]
         raise RecipeError(f"model: {source} cannot be loaded as a sequence classifier ({first})") from None
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
         first = str(exc).splitlines()[0][:240]
         raise RecipeError(f"model: the weights in {source} could not be loaded ({first})") from None
     model.float()
@@ -339,6 +370,18 @@ def reload_hf_image(model_dir: Path, meta: dict) -> ModelBundle:
     return bundle
 
 
+def _causal_lm_save(bundle, model, out):
+    from .causal_lm import save_causal_lm
+
+    return save_causal_lm(bundle, model, out)
+
+
+def _causal_lm_reload(model_dir, meta):
+    from .causal_lm import reload_causal_lm
+
+    return reload_causal_lm(model_dir, meta)
+
+
 def _mlp_save(bundle, model, out):
     from .mlp import save_mlp
 
@@ -356,6 +399,7 @@ FAMILIES = {
     "hf": {"save": save_hf, "reload": reload_hf},
     "mlp": {"save": _mlp_save, "reload": _mlp_reload},
     "hf-image": {"save": save_hf_image, "reload": reload_hf_image},
+    "causal-lm": {"save": _causal_lm_save, "reload": _causal_lm_reload},
 }
 
 
@@ -417,18 +461,40 @@ def load_saved(model_dir: str | Path) -> ModelBundle:
 
 
 def save_model(bundle: ModelBundle, model: nn.Module, out: Path, extra: dict | None = None) -> None:
-    """Write RUN_DIR/model: weights (safetensors), tokenizer and honed.json (labels, family, max_length)."""
+    """Write RUN_DIR/model: weights (safetensors), tokenizer and honed.json (labels, family, max_length).
+
+    Everything is written into `model.tmp`, fsynced, then renamed into place: a kill or a full
+    disk leaves either no model folder or a complete one. A failed write is one clear error;
+    the training checkpoint is untouched, so `--resume` finishes the run without training again.
+    """
+    from ..errors import HonedError
+    from ..train.checkpoint import _free_space, _fsync_dir, _fsync_file, fault, write_error_reason
+
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = {"family": bundle.family, "labels": bundle.labels, "source": bundle.source}
-    meta.update(FAMILIES[bundle.family]["save"](bundle, model, tmp) or {})
-    meta.update(extra or {})
-    (tmp / HONED_MODEL_FILE).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        meta = {"family": bundle.family, "labels": bundle.labels, "source": bundle.source}
+        meta.update(FAMILIES[bundle.family]["save"](bundle, model, tmp) or {})
+        fault("model-write")
+        meta.update(extra or {})
+        (tmp / HONED_MODEL_FILE).write_text(json.dumps(meta, indent=2))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_dir(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except Exception as exc:
+        reason = write_error_reason(exc)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HonedError(f"model: could not write {out} ({reason}; {_free_space(out.parent)}); the training checkpoint is intact: "
+                         "free disk space and resume with --resume") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -439,11 +505,25 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file under a temporary name, fsync, rename; a failed write leaves nothing behind and
+    raises OSError (safetensors reports a full disk as a SafetensorError naming the OS error)."""
+    import re
+
     tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def scratch_copy(bundle: ModelBundle) -> nn.Module:
@@ -457,6 +537,10 @@ def scratch_copy(bundle: ModelBundle) -> nn.Module:
         from transformers import AutoModelForImageClassification
 
         fresh = AutoModelForImageClassification.from_config(model.config)
+    elif bundle.family == "causal-lm":
+        from .causal_lm import scratch_causal_lm
+
+        fresh = scratch_causal_lm(model)
     elif bundle.family == "mlp":
         from .mlp import TabularMLP
 

@@ -3,6 +3,7 @@
 The pipeline calls only these entries, so a new task is a new row here, not a new branch there.
 """
 
+from . import chat
 from . import image
 from . import tabular as tab
 from . import text_classification as tc
@@ -43,4 +44,7 @@ TASKS = {
                            "collate": tab.collate, "batches": tab.batches, "loss": tab.regression_loss,
                            "head_loss": tab.head_regression_loss, "predict": tab.predict, "features": tab.features,
                            "metrics": tab.regression_metrics, "probe": tab.ridge_probe},
+    "chat": {"kind": "lm", "primary": chat.PRIMARY, "encode": chat.encode, "subset": chat.subset, "collate": chat.collate,
+             "batches": chat.batches, "loss": chat.loss, "head_loss": chat.unsupported, "predict": chat.predict,
+             "features": chat.features, "metrics": chat.metrics, "probe": chat.unsupported},
 }

@@ -1,0 +1,138 @@
+"""Causal language models (family "causal-lm"): any checkpoint AutoModelForCausalLM loads, with
+its tokenizer and a chat template (the tokenizer's own, or `data.chat_template` from the recipe).
+
+The bundle's "head" is `lm_head`; `labels` is empty. Saved in the save_pretrained layout
+(safetensors) with the tokenizer, whose chat template travels with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import RecipeError
+from .load import HONED_MODEL_FILE, ModelBundle, _check_hf_dir, _hf_tokenizer, _quiet_transformers, load_saved, run_model_dir
+
+
+def _head_name(model: nn.Module) -> str:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            return name
+    return "lm_head"
+
+
+def resolve_chat_template(tokenizer, template: str | None, base_dir: str | None, source: str) -> None:
+    """Set the recipe's template on the tokenizer (inline Jinja, or a path to a .jinja file); refuse a tokenizer without one."""
+    if template:
+        path = Path(template).expanduser()
+        if not path.is_absolute() and base_dir:
+            path = Path(base_dir) / path
+        looks_like_file = "{" not in template and len(template) < 1000
+        if looks_like_file:
+            if not path.is_file():
+                raise RecipeError(f"data.chat_template: {template} is neither a Jinja template nor an existing file")
+            template = path.read_text(encoding="utf-8")
+        tokenizer.chat_template = template
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"model: the tokenizer of {source} has no chat template; set data.chat_template in the recipe "
+                          "(a Jinja template, or the path to a .jinja file) to say how conversations are rendered")
+
+
+def load_causal_lm(source: str, recipe=None) -> ModelBundle:
+    """A Hugging Face causal LM by folder or Hub id, or an earlier honed chat run."""
+    import pickle
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    trust = bool(recipe and recipe.trust_remote_code)
+    allow_pickle = bool(recipe and recipe.allow_pickle)
+    local = Path(source)
+    is_local = local.is_absolute() or local.exists()
+    if is_local and local.exists():
+        honed_dir = run_model_dir(local)
+        if honed_dir is not None:
+            bundle = load_saved(honed_dir)
+            if bundle.family != "causal-lm":
+                raise RecipeError(f"model: {source} is a {bundle.family} run; task chat needs a causal language model")
+            if recipe is not None:
+                resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source)
+            return bundle
+    if is_local:
+        _check_hf_dir(local, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        raise RecipeError(f"model: '{source}' is neither a local checkpoint folder nor a reachable Hub id ({type(exc).__name__}: {first})") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    remote = trust and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise RecipeError(f"model: {source} is a '{config.model_type}' model, which cannot be loaded as a causal language model; "
+                          "task chat needs a decoder such as Llama, Qwen or GPT-2")
+    tokenizer = _hf_tokenizer(source, trust)
+    resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust,
+                                                     use_safetensors=None if allow_pickle else True)
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise RecipeError(f"model: {source} could not be loaded as a causal language model ({str(exc).splitlines()[0][:240]})") from None
+    model.float()
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _bundle(model, tokenizer, source)
+
+
+def _bundle(model, tokenizer, source: str) -> ModelBundle:
+    def encode(texts: list[str], max_length: int) -> list[list[int]]:
+        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+    return ModelBundle("causal-lm", model, encode, tokenizer.pad_token_id, _head_name(model), [], source, tokenizer)
+
+
+def save_causal_lm(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
+    model.save_pretrained(str(out), safe_serialization=True)
+    bundle.tokenizer.save_pretrained(str(out))
+    return {}
+
+
+def reload_causal_lm(model_dir: Path, meta: dict) -> ModelBundle:
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    _check_hf_dir(model_dir, allow_pickle=False)
+    tokenizer = _hf_tokenizer(str(model_dir), False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+    except Exception as exc:
+        raise RecipeError(f"model: {model_dir} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    model.float()
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"model: the tokenizer in {model_dir} has no chat template; was {model_dir / HONED_MODEL_FILE} written by a chat run?")
+    return _bundle(model, tokenizer, str(model_dir))
+
+
+def scratch_causal_lm(model: nn.Module) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(model.config)
+
+
+def lora_targets(model: nn.Module, head_name: str) -> list[str]:
+    """Short names of the projection layers inside the transformer blocks (q_proj, …; GPT-2's Conv1D c_attn, …)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = nn.Linear
+    names = []
+    for name, module in model.named_modules():
+        if name == head_name or name.startswith(head_name + "."):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D)):
+            leaf = name.rpartition(".")[2]
+            if leaf not in names:
+                names.append(leaf)
+    return names

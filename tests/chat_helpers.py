@@ -1,0 +1,122 @@
+"""Test helpers for task chat: a tiny Llama with a byte-level BPE tokenizer trained locally,
+a chat template set on it, and generated support conversations."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<s>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+PRODUCTS = ["router", "phone", "laptop", "printer", "headset"]
+PROBLEMS = {
+    "will not turn on": "Hold the power button for ten seconds, then plug it in again.",
+    "is very slow": "Restart it and install the latest update from the settings page.",
+    "arrived broken": "Sorry about that. Reply with your order number and we will send a replacement.",
+    "lost its password": "Open the login page and choose forgot password to reset it.",
+}
+GENERAL = [
+    "The river runs through the old town and past the market.",
+    "Bread is baked early in the morning before the shops open.",
+    "The train to the coast leaves every hour from the north station.",
+    "Children play in the park while their parents read the news.",
+]
+
+
+def conversation(rng: random.Random) -> dict:
+    product = rng.choice(PRODUCTS)
+    problem = rng.choice(list(PROBLEMS))
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": "You are the support assistant of an electronics shop."})
+    messages.append({"role": "user", "content": f"My {product} {problem}."})
+    messages.append({"role": "assistant", "content": PROBLEMS[problem]})
+    if rng.random() < 0.3:
+        messages.append({"role": "user", "content": "Thanks, that helped."})
+        messages.append({"role": "assistant", "content": "Glad to help. Anything else?"})
+    return {"messages": messages}
+
+
+def write_conversations(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(conversation(rng)) + "\n" for _ in range(n)))
+    return path
+
+
+def write_general(path: Path, n: int = 12) -> Path:
+    import pandas as pd
+
+    pd.DataFrame({"text": [GENERAL[i % len(GENERAL)] for i in range(n)]}).to_csv(path, index=False)
+    return path
+
+
+def build_tokenizer(with_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(7)
+    corpus = []
+    for _ in range(200):
+        for m in conversation(rng)["messages"]:
+            corpus.append(m["content"])
+    corpus += GENERAL
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"], model_max_length=256)
+    if with_template:
+        tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(folder: Path, with_template: bool = True) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(with_template)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_chat_recipe(folder: Path, model, train: Path, **changes) -> Path:
+    import yaml
+
+    recipe = {
+        "task": "chat",
+        "model": str(model),
+        "data": {"train": str(train), "max_length": 64},
+        "train": {"epochs": 3, "lr": 3e-3, "batch_size": 8, "seed": 0, "precision": "fp32", "eval_every": 4, "patience": None},
+        "guards": {"baseline": False},
+        "out": str(folder / "run"),
+    }
+    for key, value in changes.items():
+        node = recipe
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
