@@ -218,8 +218,19 @@ def main_seed(recipe: Recipe) -> int:
     return recipe.train.seeds[0] if recipe.train.seeds else recipe.train.seed
 
 
-def setup(recipe: Recipe, splits: TextSplits) -> Context:
-    """Load the model, tokenise every split once, and cache the pre-trained features."""
+def features_key(recipe: Recipe, precision: str) -> str:
+    """What the tokenised splits and the pre-trained features depend on; none of it is a training hyperparameter."""
+    model = recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(mode="json")
+    return json.dumps({"task": recipe.task, "model": model, "data": recipe.data.model_dump(mode="json"),
+                       "seed": main_seed(recipe), "precision": precision}, sort_keys=True)
+
+
+def setup(recipe: Recipe, splits: TextSplits, cache: dict | None = None) -> Context:
+    """Load the model, tokenise every split once, and cache the pre-trained features.
+
+    cache (a dict the caller keeps, e.g. one per `honed tune` worker) holds the tokenised splits and
+    the pre-trained features between runs that differ only in training hyperparameters.
+    """
     seed = main_seed(recipe)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -243,11 +254,19 @@ def setup(recipe: Recipe, splits: TextSplits) -> Context:
     precision = resolve_precision(recipe.train.precision, dev)
     memory = _memory_estimate(recipe, bundle, precision)
     check_memory(memory, dev, recipe.method, recipe.train.batch_size)
-    encoded = {name: task["encode"](bundle, frame, splits.labels, recipe)
-               for name, frame in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
+    key = features_key(recipe, precision)
+    cached = cache.get(key) if cache is not None else None
+    if cached is None:
+        encoded = {name: task["encode"](bundle, frame, splits.labels, recipe)
+                   for name, frame in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))}
     bundle.model.to(dev)
     eval_bs = max(32, 2 * recipe.train.batch_size)
-    features = {name: task["features"](bundle, bundle.model, split, eval_bs, precision, dev) for name, split in encoded.items()}
+    if cached is None:
+        features = {name: task["features"](bundle, bundle.model, split, eval_bs, precision, dev) for name, split in encoded.items()}
+        if cache is not None:
+            cache[key] = (encoded, features)
+    else:
+        encoded, features = cached
     g = torch.Generator().manual_seed(seed)
     train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:TRAIN_EVAL_ROWS]
     ctx = Context(recipe, splits, task, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
@@ -543,7 +562,7 @@ def _with_replay(ctx: Context, bundle, seed: int):
 # --------------------------------------------------------------------------- the run
 
 def run(source, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
-        overwrite: bool = False, show_progress: bool = True, on_evaluation=None) -> RunResult:
+        overwrite: bool = False, show_progress: bool = True, on_evaluation=None, cache: dict | None = None) -> RunResult:
     """Fine-tune as the recipe says, measure the guards, and write the run directory.
 
     on_evaluation(record) is called after every evaluation (honed tune feeds its pruner from it;
@@ -557,7 +576,7 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     recipe.out = str(run_dir)
     check_run_dir(run_dir, resume, overwrite)
     threads = set_threads(recipe.train.threads)
-    ctx = setup(recipe, splits)
+    ctx = setup(recipe, splits, cache)
     if recipe.task.startswith("tabular"):
         audit = audit_tabular(splits, ctx.bundle.preprocessor)
     elif recipe.task == "image-classification":
@@ -586,8 +605,13 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
 
         before = chat.before_fine_tuning(ctx)  # the pre-trained model: reference perplexity, features, generations
     else:
-        probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
-                              ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
+        probe_key = ("probe", features_key(recipe, ctx.precision))
+        probe = cache.get(probe_key) if cache is not None else None
+        if probe is None:
+            probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
+                                  ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
+            if cache is not None:
+                cache[probe_key] = probe
     progress = TrainingProgress(enabled=show_progress)
 
     def on_history(records: list[dict]) -> None:

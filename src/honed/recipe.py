@@ -130,6 +130,22 @@ class ReferenceSpec(Strict):
     label: str | None = None
 
 
+class TuneParam(Strict):
+    """One searched parameter of `honed tune`: a range, or a list of choices."""
+
+    low: int | float | None = None  # int | float keeps 2 as an int
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[bool | int | float | str | None] | None = None
+
+
+class TuneSpec(Strict):
+    """`tune:`: honed tune's search space; honed run ignores it."""
+
+    space: dict[str, TuneParam | None] = Field(default_factory=dict)  # recipe key → range/choices; null drops a default
+
+
 class Recipe(Strict):
     task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "chat"] = "text-classification"
     model: str | MLPSpec
@@ -145,6 +161,7 @@ class Recipe(Strict):
     guards: GuardsSpec = Field(default_factory=GuardsSpec)
     reference: ReferenceSpec | None = None
     out: str | None = None
+    tune: TuneSpec | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
     # where relative paths were resolved from; not a recipe key a user writes
