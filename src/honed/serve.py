@@ -28,7 +28,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from .errors import HonedError, RecipeError
 
@@ -100,7 +100,8 @@ def finished_run(run_dir: str | Path) -> tuple[Path, dict]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecipeError(f"RUN_DIR: {meta_path} is not readable JSON ({type(exc).__name__}); the run directory is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list) or not meta["labels"]:
+    is_chat = isinstance(meta, dict) and meta.get("task") == "chat"
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list) or (not meta["labels"] and not is_chat):
         raise RecipeError(f"RUN_DIR: {meta_path} has no 'labels' list; the run directory is damaged")
     return run_dir, meta
 
@@ -186,8 +187,25 @@ def load_text_classifier(run_dir: Path, meta: dict) -> Served:
                   info={"max_length": max_length, "precision": precision, "device": dev.type})
 
 
+def load_chat_model(run_dir: Path, meta: dict) -> Served:
+    """A chat run: generation goes through tasks.chat.generate_chat (one model load, thread-safe)."""
+    from .models.load import load_saved
+    from .tasks.chat import generate_chat
+
+    bundle = load_saved(run_dir / "model")
+    bundle.model.eval()
+
+    def reply(messages: list[dict], max_tokens: int, temperature: float) -> str:
+        return generate_chat(bundle, messages, max_tokens=max_tokens, temperature=temperature)
+
+    created = int((run_dir / "metrics.json").stat().st_mtime)
+    return Served(model_id=run_dir.resolve().name, task="chat", labels=[], input_column=str(meta.get("messages_column", "messages")),
+                  created=created, predict=lambda texts: [], info={"reply": reply})
+
+
 LOADERS: dict[str, Callable[[Path, dict], Served]] = {
     "text-classification": load_text_classifier,
+    "chat": load_chat_model,
 }
 
 
@@ -479,9 +497,62 @@ def predict_route(app: FastAPI, served: Served, limits: Limits, batcher: MicroBa
     app.add_api_route("/v1/predict", predict, methods=["POST"])
 
 
+MAX_NEW_TOKENS = 512  # the most a chat request may ask for
+
+
+def chat_route(app: FastAPI, served: Served, limits: Limits, batcher: MicroBatcher) -> None:
+    """POST /v1/chat/completions, compatible with the OpenAI API (non-streaming)."""
+    import asyncio
+    import time
+    import uuid
+
+    message_model = create_model(
+        "ChatMessage", __config__=ConfigDict(extra="forbid"),
+        role=(Literal["system", "user", "assistant"], ...),
+        content=(StrictStr, Field(..., max_length=limits.max_text_chars)),
+        name=(Optional[StrictStr], None),
+    )
+    body_model = create_model(
+        "ChatRequest", __config__=ConfigDict(extra="forbid"),
+        model=(Optional[StrictStr], None),
+        messages=(list[message_model], Field(..., min_length=1, max_length=limits.max_inputs)),
+        max_tokens=(Optional[int], Field(None, ge=1, le=MAX_NEW_TOKENS)),
+        max_completion_tokens=(Optional[int], Field(None, ge=1, le=MAX_NEW_TOKENS)),
+        temperature=(Optional[float], Field(None, ge=0, le=2)),
+        n=(Optional[int], Field(None, ge=1, le=1)),
+        stream=(Optional[bool], None),
+        user=(Optional[StrictStr], None),
+        seed=(Optional[int], None),
+        top_p=(Optional[float], Field(None, gt=0, le=1)),
+    )
+    lock = asyncio.Lock()  # one generation at a time: the model is shared
+
+    async def completions(request: Request):
+        body = await parse_body(request, body_model)
+        if body.model is not None and body.model != served.model_id:
+            raise HTTPError(404, f"model: this server serves '{served.model_id}' only; see GET /v1/models")
+        if body.stream:
+            raise HTTPError(400, "stream: streaming is not supported; send stream: false")
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens or 128
+        async with lock:
+            try:
+                reply = await asyncio.to_thread(served.info["reply"], messages, max_tokens, body.temperature or 0.0)
+            except HonedError as exc:  # a prompt longer than the context, malformed turns: the client's to fix
+                raise HTTPError(400, str(exc).split(" (")[0]) from None
+        return JSONResponse({
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": served.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        })
+
+    app.add_api_route("/v1/chat/completions", completions, methods=["POST"])
+
+
 ENDPOINTS: dict[str, dict[str, Callable[[FastAPI, Served, Limits, MicroBatcher], None]]] = {
     "text-classification": {"/v1/predict": predict_route},
-    # "chat": {"/v1/chat/completions": chat_route},  (issue 5, part 3)
+    "chat": {"/v1/chat/completions": chat_route},
 }
 
 

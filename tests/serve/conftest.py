@@ -104,3 +104,9 @@ def served_run(tmp_path_factory, tiny_bert) -> Path:
 def server(served_run, tmp_path_factory):
     with running_server(served_run, tmp_path_factory.mktemp("serve-log") / "server.log", token=TOKEN) as proc:
         yield proc
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """The running_server context manager, for test modules that build their own run."""
+    return running_server
