@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk or a failing device while writing outputs
+        if STATE["debug"]:
+            traceback.print_exc()
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        err_console.print(f"error: could not read or write{where} ({exc.strerror or exc}); fix the cause and resume with --resume",
+                          markup=False, highlight=False)
+        sys.exit(1)
     except Exception as exc:  # usage errors from (typer's vendored) click, and anything unexpected
         if type(exc).__name__ == "Abort":
             err_console.print("aborted")

@@ -157,7 +157,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def check_resume_recipe(run_dir: Path, recipe: Recipe) -> None:
-    saved = (run_dir / "recipe.yaml").read_text()
+    try:  # read with today's defaults, so a field added by an upgrade does not block a resume
+        saved = dump_recipe(load_recipe(run_dir / "recipe.yaml"))
+    except RecipeError:
+        saved = None
     if saved != dump_recipe(recipe):
         raise RecipeError(f"--resume: the recipe differs from the one {run_dir} was started with; resume with the same recipe and overrides, or start a new run")
 
@@ -594,7 +597,9 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     if resume and (run_dir / "recipe.yaml").exists():
         check_resume_recipe(run_dir, recipe)
     else:
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        tmp = run_dir / "recipe.yaml.partial"  # a kill mid-write must not leave a run that cannot resume
+        tmp.write_text(dump_recipe(recipe))
+        os.replace(tmp, run_dir / "recipe.yaml")
     write_json_atomic(run_dir / "audit.json", audit)
 
     seed = main_seed(recipe)

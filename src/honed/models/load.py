@@ -257,6 +257,9 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     except Exception as exc:
         first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise RecipeError(f"model: {source} ships its own code (config.json auto_map); honed runs it only when the recipe "
+                              "sets trust_remote_code: true, for a source you trust") from None
         if is_local:
             raise RecipeError(f"model: {local / 'config.json'} cannot be used ({first}); give a Hugging Face checkpoint folder") from None
         raise RecipeError(
@@ -468,7 +471,7 @@ def save_model(bundle: ModelBundle, model: nn.Module, out: Path, extra: dict | N
     the training checkpoint is untouched, so `--resume` finishes the run without training again.
     """
     from ..errors import HonedError
-    from ..train.checkpoint import _free_space, _fsync_dir, _fsync_file, fault, write_error_reason
+    from ..train.checkpoint import _free_space, _fsync_dir, _fsync_file, fault, write_advice, write_error_reason
 
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -494,7 +497,7 @@ def save_model(bundle: ModelBundle, model: nn.Module, out: Path, extra: dict | N
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise HonedError(f"model: could not write {out} ({reason}; {_free_space(out.parent)}); the training checkpoint is intact: "
-                         "free disk space and resume with --resume") from None
+                         f"{write_advice(reason)}") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

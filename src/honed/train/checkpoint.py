@@ -7,9 +7,11 @@ either the old pointer and old folder, or the new ones: never a partial checkpoi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,14 +41,27 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def write_json_atomic(path: Path, payload) -> None:
+def _write_json_atomic(path: Path, payload) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
+    try:
+        _write_json_atomic(path, payload)
+    except OSError as exc:
+        reason = write_error_reason(exc)
+        raise HonedError(f"could not write {path} ({reason}; {_free_space(path.parent)}); {write_advice(reason)}") from None
 
 
 def rng_state() -> dict:
@@ -67,27 +82,85 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fault(point: str) -> None:
-    """Test hook: HONED_FAULT=<point>[:seconds] sleeps there (a window for a kill) or raises an OSError."""
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """Test hook for the reliability tests; does nothing unless HONED_FAULT is set.
+
+    HONED_FAULT=<point>:<action>[:after=N][,<point>:<action>...], where action is sleep=S (a
+    window for a kill) or ENOSPC / EIO / EDQUOT (raise that OSError, as a full or failing disk
+    would). after=N lets the first N passes through the point go by. Points: checkpoint-write
+    (weights written, the rest of the checkpoint not yet), checkpoint-commit (the checkpoint
+    folder renamed into place, the pointer not yet moved to it), model-write (RUN_DIR/model's
+    files written into its temporary folder, not yet renamed into place).
+    """
     spec = os.environ.get("HONED_FAULT", "")
     if not spec:
         return
-    name, _, arg = spec.partition(":")
-    if name != point:
-        return
-    if arg.startswith("sleep="):
-        import time
+    for item in spec.split(","):
+        name, *args = item.strip().split(":")
+        if name != point:
+            continue
+        options = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
+        hits = _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+        if hits <= int(options.get("after", 0)):
+            continue
+        if "sleep" in options:
+            time.sleep(float(options["sleep"]))
+        for code_name in ("ENOSPC", "EIO", "EDQUOT"):
+            if code_name in options:
+                code = getattr(errno, code_name)
+                raise OSError(code, os.strerror(code))
 
-        time.sleep(float(arg[6:]))
-    elif arg in ("ENOSPC", "EIO"):
-        import errno
 
-        code = getattr(errno, arg)
-        raise OSError(code, os.strerror(code))
+_fault = fault  # the name older tests and callers use
+
+
+def write_error_reason(exc: BaseException) -> str | None:
+    """What went wrong, in words, when `exc` is a failed write; None when it is something else.
+
+    The writers fail in their own ways on a full disk: open/write raise OSError, safetensors a
+    SafetensorError naming "(os error 28)", torch.save a RuntimeError from its zip writer
+    ("unexpected pos ..."), which names no cause at all.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    text = str(exc)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return os.strerror(int(found.group(1)))
+    if type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "inline_container" in text):
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
+        return f"{type(exc).__name__}: {first}"
+    return None
+
+
+def write_advice(reason: str | None) -> str:
+    """What to do about a failed write, for the end of its error message."""
+    if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)):
+        return "free disk space and resume with --resume"
+    return "fix the cause (disk space, permissions, the disk itself) and resume with --resume"
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.0f} MB free there" if free < 2**30 else f"{free / 2**30:.1f} GB free there"
 
 
 class Checkpointer:
-    """Saves and restores training state for one run directory, one pointer per training stage."""
+    """Saves and restores training state for one run directory, one pointer per training stage.
+
+    Folder names are `<stage>-<step>-<ns>`; a folder being written is `.<name>.partial`. Only
+    the folder the pointer names is ever read; the others (a partial one left by a kill, a
+    complete one the pointer never reached, the previous one a kill kept from being removed)
+    are swept away after the next successful save.
+    """
+
+    REQUIRED = ("state.json", "state.pt", "weights.safetensors")
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -97,13 +170,13 @@ class Checkpointer:
 
     def save(self, stage: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, objects: dict) -> Path:
         """tensors: groups of tensors (weights, best weights) → safetensors; objects: optimizer, RNG → torch.save."""
-        self.root.mkdir(parents=True, exist_ok=True)
         # a fresh name each time, so the folder the pointer names is never replaced in place
         name = f"{stage}-{step:08d}-{time.time_ns()}"
         final = self.root / name
         tmp = self.root / f".{name}.partial"
         previous = self.latest_name(stage)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
@@ -111,7 +184,7 @@ class Checkpointer:
                 path = tmp / f"{group}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in group_tensors.items()}, str(path))
                 _fsync_file(path)
-            _fault("checkpoint-write")
+            fault("checkpoint-write")
             torch.save(objects, tmp / "state.pt")
             _fsync_file(tmp / "state.pt")
             with open(tmp / "state.json", "w") as fh:
@@ -121,34 +194,62 @@ class Checkpointer:
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            write_json_atomic(self._pointer(stage), {"name": name})
-        except OSError as exc:
+            fault("checkpoint-commit")
+            _write_json_atomic(self._pointer(stage), {"name": name})
+        except Exception as exc:
+            reason = write_error_reason(exc)
+            if reason is None:
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
+            if self.latest_name(stage) != name:  # the pointer never reached it: it is not a checkpoint
+                shutil.rmtree(final, ignore_errors=True)
+            kept = f"the previous checkpoint ({previous}) is intact" if previous else "no earlier checkpoint was written"
             raise HonedError(
-                f"checkpoint: could not write {final} ({exc.strerror or exc}); the previous checkpoint is intact; "
-                "free disk space and resume with --resume"
+                f"checkpoint: could not write {final} ({reason}; {_free_space(self.root)}); {kept}; {write_advice(reason)}"
             ) from None
-        if previous and previous != name:
-            shutil.rmtree(self.root / previous, ignore_errors=True)
+        self._sweep(stage, keep=name)
         return final
+
+    def _sweep(self, stage: str, keep: str) -> None:
+        """Remove this stage's folders other than `keep`: older checkpoints and leftovers of kills."""
+        pattern = re.compile(rf"^\.?{re.escape(stage)}-\d{{8,}}-\d+(\.partial)?$")
+        for entry in self.root.iterdir():
+            if entry.name != keep and pattern.match(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
 
     def latest_name(self, stage: str) -> str | None:
         pointer = self._pointer(stage)
         if not pointer.exists():
             return None
         try:
-            return json.loads(pointer.read_text())["name"]
-        except (json.JSONDecodeError, KeyError):
+            name = json.loads(pointer.read_text())["name"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
+        if not isinstance(name, str) or "/" in name or name.startswith(".") or name.endswith(".partial"):
+            return None  # the pointer only ever names a complete folder beside it
+        return name
 
     def exists(self, stage: str) -> bool:
         name = self.latest_name(stage)
         return name is not None and (self.root / name / "state.json").exists()
 
     def load(self, stage: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-        folder = self.root / self.latest_name(stage)
-        tensors = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
-        state = json.loads((folder / "state.json").read_text())
-        # our own file, but still: weights_only refuses anything that would run code
-        objects = torch.load(folder / "state.pt", weights_only=True)
+        name = self.latest_name(stage)
+        if name is None:
+            raise HonedError(f"checkpoint: {self._pointer(stage)} is missing or names no checkpoint; "
+                             "start the run again with --overwrite")
+        folder = self.root / name
+        missing = [f for f in self.REQUIRED if not (folder / f).is_file()]
+        if missing:
+            raise HonedError(f"checkpoint: {folder} is incomplete (no {', '.join(missing)}); it was changed outside honed; "
+                             "start the run again with --overwrite")
+        try:
+            tensors = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+            state = json.loads((folder / "state.json").read_text())
+            # our own file, but still: weights_only refuses anything that would run code
+            objects = torch.load(folder / "state.pt", weights_only=True)
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise HonedError(f"checkpoint: {folder} cannot be read ({type(exc).__name__}: {first}); it was damaged outside honed; "
+                             "start the run again with --overwrite") from None
         return tensors, state, objects
