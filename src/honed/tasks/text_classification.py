@@ -128,10 +128,23 @@ def inference_weights(model: nn.Module, precision: str):
             p.data = data
 
 
+EVAL_TOKENS = 4096  # padded tokens per inference batch: beyond this the activations leave the cache (measured: 128 rows × 128 tokens ran 25 % slower than 32 rows)
+
+
 def _sorted_batches(split: EncodedSplit, pad_id: int, batch_size: int):
-    """Batches in descending length order (little padding), with the order to undo it."""
+    """Batches in descending length order (little padding), at most batch_size rows and about
+    EVAL_TOKENS padded tokens each, with the order to undo the sort."""
     order = torch.argsort(split.lengths, descending=True, stable=True)
-    return order, (collate(split, order[start : start + batch_size], pad_id) for start in range(0, len(order), batch_size))
+    lengths = split.lengths[order].tolist()
+
+    def batches():
+        start = 0
+        while start < len(order):
+            rows = max(1, min(batch_size, EVAL_TOKENS // max(1, lengths[start])))
+            yield collate(split, order[start : start + rows], pad_id)
+            start += rows
+
+    return order, batches()
 
 
 def _unsort(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

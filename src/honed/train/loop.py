@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import TrainingInterrupted
 from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .precision import autocast
+from .precision import autocast, fit_threads
 
 
 @dataclass
@@ -62,6 +62,17 @@ class Outcome:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot_trainable(model: nn.Module, into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """trainable_state, written into `into`'s tensors when it has them: no second copy alive at once."""
+    if into is None or into.keys() != {n for n, p in model.named_parameters() if p.requires_grad}:
+        return trainable_state(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                into[name].copy_(p.detach())
+    return into
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -152,7 +163,8 @@ def train(
     def save_checkpoint() -> None:
         if checkpointer is None:
             return
-        tensors = {"weights": trainable_state(model)}
+        # the live weights: the checkpointer writes them out as they are, no copy needed
+        tensors = {"weights": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
         if best is not None:
             tensors["best"] = best
         objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
@@ -166,6 +178,7 @@ def train(
         while s["epoch"] < cfg.epochs and not s["stopped_early"]:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
+                fit_threads(cfg.precision, cfg.device)
                 indices = plan[s["batch"]]
                 batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(indices).items()}
                 with autocast(cfg.precision, cfg.device):
@@ -202,7 +215,7 @@ def train(
                     value = metrics[f"val_{cfg.primary}"]
                     if s["best_metric"] is None or value > s["best_metric"]:
                         s["best_metric"], s["best_step"], s["bad_evals"] = value, s["step"], 0
-                        best = trainable_state(model)
+                        best = snapshot_trainable(model, best)
                     else:
                         s["bad_evals"] += 1
                         if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
