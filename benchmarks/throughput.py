@@ -49,10 +49,52 @@ def honed_recipe(assets: dict, args, precision: str, out: str) -> dict:
     }
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def profile_child(args, assets: dict) -> None:
+    """torch.profiler over honed's training loop (bf16, the benchmark's batches): where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import honed.train.loop as loop
+    from honed.models.load import load_hf
+    from honed.tasks import text_classification as tc
+    from honed.train.precision import resolve_precision, set_threads
+
+    import pandas as pd
+
+    set_threads("auto")
+    torch.manual_seed(args.seed)
+    bundle = load_hf(assets["model"], common.LABELS)
+    frame = pd.read_csv(assets["train"])
+    split = tc.encode(bundle, frame["text"].tolist(), frame["label"].tolist(), assets["max_length"])
+    plan = tc.batch_plan(split.lengths, args.batch_size, args.seed, 0, True)
+    precision = resolve_precision("auto")
+
+    def run(batches_: list[list[int]]):
+        batches = loop.Batches(size=sum(map(len, batches_)), plan=lambda epoch: batches_, collate=lambda idx: tc.collate(split, idx, bundle.pad_id))
+        cfg = loop.LoopConfig(stage="profile", epochs=1, lr=args.lr, eval_every=10**9, patience=None, precision=precision)
+        return loop.train(bundle.model, batches, tc.classification_loss, lambda m: {"val_accuracy": 0.0}, cfg)
+
+    run(plan[:2])  # warm-up
+    steps = plan[2 : 2 + args.profile_steps]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        outcome = run(steps)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    common.emit({"table": table, "matmul_share": matmul / total, "steps": len(steps), "threads": torch.get_num_threads(),
+                 "samples_per_s": outcome.samples_seen / outcome.train_seconds, "precision": precision})
+
+
 def child(args) -> None:
     """One contestant, in this fresh process; prints `RESULT {json}`."""
     assets = common.load_assets(args.assets)
     name = args.contestant
+    if name == "profile":
+        return profile_child(args, assets)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         if name.startswith("honed"):
             import honed
@@ -97,6 +139,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per contestant, interleaved; the median is reported")
     p.add_argument("--contestants", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(CONTESTANTS)}")
     p.add_argument("--check-precision", action="store_true", help="also run honed in fp32: bf16's final loss against fp32's")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table for honed's training steps")
+    p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--no-record", action="store_true", help="do not append a row to RESULTS.md")
     p.add_argument("--note", default="", help="a note for the RESULTS.md row")
     p.add_argument("--contestant", help=argparse.SUPPRESS)
@@ -127,7 +171,15 @@ def main() -> None:
         print(f"2048² matmul: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
         runs: dict[str, list[dict]] = {n: [] for n in names}
         extra = ["--samples", str(args.samples), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-                 "--lr", str(args.lr), "--seed", str(args.seed)]
+                 "--lr", str(args.lr), "--seed", str(args.seed), "--profile-steps", str(args.profile_steps)]
+        if args.profile:
+            prof = common.run_child(__file__, "profile", tmp, extra)
+            print(f"\ntorch.profiler, honed's loop, {prof['steps']} steps, {prof['precision']}, {prof['threads']} threads "
+                  f"({prof['samples_per_s']:.1f} samples/s under the profiler):")
+            print(prof["table"])
+            share = prof["matmul_share"]
+            print(f"matrix products (mm, addmm, bmm, attention) take {share:.0%} of the step's CPU time: with every other op "
+                  f"removed, honed could run at most {1 / share:.2f}× its current speed at this matmul rate.\n")
         for r in range(args.repeats):
             for name in names:
                 res = common.run_child(__file__, name, tmp, extra)

@@ -118,6 +118,20 @@ def fit_threads(precision: str, dev: torch.device | None = None, force: bool = F
     """
     if not _AUTO["on"] or precision != "bf16" or (dev is not None and dev.type != "cpu"):
         return torch.get_num_threads()
+    n = _fit(force)
+    _USED[n] = _USED.get(n, 0) + 1
+    return n
+
+
+def threads_used() -> dict[int, int]:
+    """How often fit_threads settled on each thread count in this process (for metrics.json)."""
+    return dict(_USED)
+
+
+_USED: dict[int, int] = {}
+
+
+def _fit(force: bool) -> int:
     now = time.monotonic()
     if _AUTO["first"]:  # the first look, over the window since set_threads (loading, tokenising)
         _AUTO["first"] = False
