@@ -98,7 +98,7 @@ def build_tiny_llama(folder: Path, with_template: bool = True) -> Path:
 
 
 def write_chat_recipe(folder: Path, model, train: Path, **changes) -> Path:
-    import yaml
+    from helpers import write_recipe_file
 
     recipe = {
         "task": "chat",
@@ -108,15 +108,4 @@ def write_chat_recipe(folder: Path, model, train: Path, **changes) -> Path:
         "guards": {"baseline": False},
         "out": str(folder / "run"),
     }
-    for key, value in changes.items():
-        node = recipe
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(parts[-1], None)
-        else:
-            node[parts[-1]] = value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe_file(folder, recipe, changes)

@@ -69,15 +69,30 @@ def write_recipe(folder: Path, model, train_csv: Path, **changes) -> Path:
         "train": {"epochs": 6, "lr": 3e-3, "batch_size": 16, "seed": 0, "precision": "fp32", "eval_every": 5, "patience": None},
         "out": str(folder / "run"),
     }
+    return write_recipe_file(folder, recipe, changes)
+
+
+def write_recipe_file(folder: Path, recipe: dict, changes: dict) -> Path:
+    """Apply dotted-key changes ({"train.epochs": 2}; None writes null) and save folder/recipe.yaml."""
     for key, value in changes.items():
         node = recipe
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        if value is None and parts[-1] in node and key != "train.patience":
-            del node[parts[-1]]
-        else:
-            node[parts[-1]] = value
+        node[parts[-1]] = value
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process: (exit code, stdout, stderr)."""
+    from honed.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -12,19 +12,10 @@ import torch
 import yaml
 
 from chat_helpers import build_tiny_llama, build_tokenizer, conversation, write_chat_recipe, write_conversations, write_general
+from helpers import cli
 from honed.cli import main
 from honed.errors import DataError
 from honed.tasks import chat
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

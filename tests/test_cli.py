@@ -10,17 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import cli
 from honed.cli import main
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_run_check_predict_report(recipe_factory, tmp_path, capsys):

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 
+from helpers import cli
 from honed.cli import main
 from honed.errors import RecipeError
 from honed.recipe import load_recipe
@@ -25,16 +26,6 @@ FAST = {
     "guards.baseline": False,  # the final run of the best recipe keeps the recipe's guards: keep it cheap
     "tune.space": {"train.head_epochs": {"low": 2, "high": 4}},
 }
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_tune_writes_best_recipe_that_honed_run_accepts(recipe_factory, tmp_path, capsys):

@@ -44,7 +44,7 @@ from .train.precision import device as pick_device
 from .train.precision import resolve_precision, set_threads
 from .train.progress import TrainingProgress, quiet
 
-TRAIN_EVAL_ROWS = 2000  # training rows scored at each evaluation, for the train/validation gap
+TRAIN_EVAL_ROWS = 2000  # at most this many training rows are scored at each evaluation, for the train/validation gap
 BASELINE_AUTO_SECONDS = 300  # `baseline: auto` trains the scratch model when fine-tuning took less than this
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -271,8 +271,11 @@ def setup(recipe: Recipe, splits: TextSplits, cache: dict | None = None) -> Cont
     else:
         encoded, features = cached
     g = torch.Generator().manual_seed(seed)
-    train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:TRAIN_EVAL_ROWS]
-    ctx = Context(recipe, splits, task, bundle, {k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
+    # the gap needs the training score only as precisely as the validation score it is compared with
+    train_eval_rows = min(TRAIN_EVAL_ROWS, max(256, len(encoded["validation"])))
+    train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:train_eval_rows]
+    # no clone: bundle.model is never trained in place (fine_tune trains a deep copy)
+    ctx = Context(recipe, splits, task, bundle, {k: v.detach() for k, v in bundle.model.state_dict().items()},
                   encoded, features, precision, dev, eval_bs, train_eval_idx)
     ctx.extra["memory_estimate"] = memory
     if recipe.task == "chat":  # no original head; forgetting is perplexity and drift on reference text

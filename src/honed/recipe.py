@@ -208,6 +208,23 @@ def _expected(msg: str) -> str:
     return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg[:1].lower() + msg[1:]
 
 
+def _did_you_mean(where: str) -> str:
+    """'; did you mean train.lr?' for a misspelt key, from the fields of the section it sits in."""
+    import difflib
+
+    *section, name = where.split(".")
+    model = Recipe
+    for part in section:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    close = difflib.get_close_matches(name, [k for k in model.model_fields if k != "base_dir"], n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join([*section, close[0]])}?" if close else ""
+
+
 def _validation_message(exc: ValidationError) -> str:
     """Turn pydantic's report into one line naming the key, what was expected and what was found."""
     by_key: dict[str, list[dict]] = {}
@@ -217,7 +234,7 @@ def _validation_message(exc: ValidationError) -> str:
     for where, errs in by_key.items():
         types = {e["type"] for e in errs}
         if "extra_forbidden" in types:
-            parts.append(f"{where}: unknown key (check the spelling; see `honed run --help` and the README's recipe keys)")
+            parts.append(f"{where}: unknown key{_did_you_mean(where)} (see the README's recipe keys)")
         elif "missing" in types:
             parts.append(f"{where}: required key is missing")
         else:

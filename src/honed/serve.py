@@ -187,6 +187,15 @@ def load_text_classifier(run_dir: Path, meta: dict) -> Served:
                   info={"max_length": max_length, "precision": precision, "device": dev.type})
 
 
+def token_usage(tokenizer, messages: list[dict], reply: str) -> dict:
+    """OpenAI's `usage`: prompt tokens as the chat template renders them, and the reply's tokens."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt, dict) or hasattr(prompt, "keys"):  # newer transformers return an encoding
+        prompt = prompt["input_ids"]
+    completion = len(tokenizer(reply, add_special_tokens=False)["input_ids"])
+    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
+
+
 def load_chat_model(run_dir: Path, meta: dict) -> Served:
     """A chat run: generation goes through tasks.chat.generate_chat (one model load, thread-safe)."""
     from .models.load import load_saved
@@ -195,8 +204,9 @@ def load_chat_model(run_dir: Path, meta: dict) -> Served:
     bundle = load_saved(run_dir / "model")
     bundle.model.eval()
 
-    def reply(messages: list[dict], max_tokens: int, temperature: float) -> str:
-        return generate_chat(bundle, messages, max_tokens=max_tokens, temperature=temperature)
+    def reply(messages: list[dict], max_tokens: int, temperature: float) -> tuple[str, dict]:
+        text = generate_chat(bundle, messages, max_tokens=max_tokens, temperature=temperature)
+        return text, token_usage(bundle.tokenizer, messages, text)
 
     created = int((run_dir / "metrics.json").stat().st_mtime)
     return Served(model_id=run_dir.resolve().name, task="chat", labels=[], input_column=str(meta.get("messages_column", "messages")),
@@ -537,14 +547,14 @@ def chat_route(app: FastAPI, served: Served, limits: Limits, batcher: MicroBatch
         max_tokens = body.max_completion_tokens or body.max_tokens or 128
         async with lock:
             try:
-                reply = await asyncio.to_thread(served.info["reply"], messages, max_tokens, body.temperature or 0.0)
+                reply, usage = await asyncio.to_thread(served.info["reply"], messages, max_tokens, body.temperature or 0.0)
             except HonedError as exc:  # a prompt longer than the context, malformed turns: the client's to fix
                 raise HTTPError(400, str(exc).split(" (")[0]) from None
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": served.model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "usage": usage,
         })
 
     app.add_api_route("/v1/chat/completions", completions, methods=["POST"])

@@ -105,8 +105,8 @@ def predictions_kept(ctx: Ctx, out: str) -> None:
 
 CASES = [
     # ------------------------------------------------------------------ recipe and arguments (exit 2)
-    Case("recipe_unknown_top_key", recipe_with(modle="x"), CHECK, 2, ("modle", "unknown key")),
-    Case("recipe_unknown_nested_key", recipe_with(**{"train.lrr": 1e-4}), CHECK, 2, ("train.lrr", "unknown key")),
+    Case("recipe_unknown_top_key", recipe_with(modle="x"), CHECK, 2, ("modle", "unknown key", "did you mean model?")),
+    Case("recipe_unknown_nested_key", recipe_with(**{"train.lrr": 1e-4}), CHECK, 2, ("train.lrr", "unknown key", "did you mean train.lr?")),
     Case("recipe_wrong_type", recipe_with(**{"train.epochs": "many"}), CHECK, 2,
          ("train.epochs: should be a valid integer or 'auto'", "'many'")),
     Case("recipe_bad_choice", recipe_with(method="lorax"), CHECK, 2, ("method", "'lora'", "'lorax'")),

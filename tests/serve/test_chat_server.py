@@ -31,6 +31,7 @@ def test_openai_client_gets_a_completion(chat_server):
     reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "my order is late"}], max_tokens=8)
     assert reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
+    assert reply.usage.prompt_tokens > 3 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{chat_server.url}/v1", api_key="wrong", http_client=httpx.Client(trust_env=False)).models.list()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import RecipeError
-from .load import HONED_MODEL_FILE, ModelBundle, _check_hf_dir, _hf_tokenizer, _quiet_transformers, load_saved, run_model_dir
+from .load import HONED_MODEL_FILE, ModelBundle, _check_hf_dir, _hf_tokenizer, _quiet_transformers, load_saved, reload_hf_dir, run_model_dir
 
 
 def _head_name(model: nn.Module) -> str:
@@ -93,23 +93,10 @@ def _bundle(model, tokenizer, source: str) -> ModelBundle:
     return ModelBundle("causal-lm", model, encode, tokenizer.pad_token_id, _head_name(model), [], source, tokenizer)
 
 
-def save_causal_lm(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
-    model.save_pretrained(str(out), safe_serialization=True)
-    bundle.tokenizer.save_pretrained(str(out))
-    return {}
-
-
 def reload_causal_lm(model_dir: Path, meta: dict) -> ModelBundle:
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
-    _check_hf_dir(model_dir, allow_pickle=False)
-    tokenizer = _hf_tokenizer(str(model_dir), False)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
-    except Exception as exc:
-        raise RecipeError(f"model: {model_dir} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    model.float()
+    model, tokenizer = reload_hf_dir(model_dir, AutoModelForCausalLM)
     if not getattr(tokenizer, "chat_template", None):
         raise RecipeError(f"model: the tokenizer in {model_dir} has no chat template; was {model_dir / HONED_MODEL_FILE} written by a chat run?")
     return _bundle(model, tokenizer, str(model_dir))

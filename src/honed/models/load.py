@@ -314,22 +314,29 @@ def _is_sequence_classifier(config, trust_remote_code: bool) -> bool:
 
 
 def save_hf(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
+    """Every Hugging Face family (text, image, causal LM) saves the same way: save_pretrained for
+    the weights (safetensors) and for the tokenizer or image processor beside them."""
     model.save_pretrained(str(out), safe_serialization=True)
     bundle.tokenizer.save_pretrained(str(out))
     return {}
 
 
-def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
-    from transformers import AutoModelForSequenceClassification
-
+def reload_hf_dir(model_dir: Path, auto_class):
+    """A model folder written by save_hf, reloaded with its tokenizer: (model, tokenizer)."""
     _quiet_transformers()
     _check_hf_dir(model_dir, allow_pickle=False)
     tokenizer = _hf_tokenizer(str(model_dir), False)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True)
+        model = auto_class.from_pretrained(str(model_dir), use_safetensors=True)
     except Exception as exc:
         raise RecipeError(f"model: {model_dir} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    model.float()
+    return model.float(), tokenizer
+
+
+def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = reload_hf_dir(model_dir, AutoModelForSequenceClassification)
     labels = meta["labels"]
     return ModelBundle("hf", model, _hf_encoder(tokenizer), tokenizer.pad_token_id, find_head_name(model, len(labels)), labels, str(model_dir), tokenizer)
 
@@ -361,22 +368,10 @@ def load_hf_image(source: str, labels: list[str], recipe=None) -> ModelBundle:
     return ModelBundle("hf-image", model, None, 0, find_head_name(model, len(labels)), labels, source, processor)
 
 
-def save_hf_image(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
-    model.save_pretrained(str(out), safe_serialization=True)
-    bundle.tokenizer.save_pretrained(str(out))
-    return {}
-
-
 def reload_hf_image(model_dir: Path, meta: dict) -> ModelBundle:
     bundle = load_hf_image(str(model_dir), meta["labels"])
     bundle.source = str(model_dir)
     return bundle
-
-
-def _causal_lm_save(bundle, model, out):
-    from .causal_lm import save_causal_lm
-
-    return save_causal_lm(bundle, model, out)
 
 
 def _causal_lm_reload(model_dir, meta):
@@ -401,8 +396,8 @@ FAMILIES = {
     "wordllama": {"save": save_wordllama, "reload": reload_wordllama},
     "hf": {"save": save_hf, "reload": reload_hf},
     "mlp": {"save": _mlp_save, "reload": _mlp_reload},
-    "hf-image": {"save": save_hf_image, "reload": reload_hf_image},
-    "causal-lm": {"save": _causal_lm_save, "reload": _causal_lm_reload},
+    "hf-image": {"save": save_hf, "reload": reload_hf_image},
+    "causal-lm": {"save": save_hf, "reload": _causal_lm_reload},
 }
 
 
