@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -69,11 +70,14 @@ def run(
     try:
         result = run_pipeline(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
     except TrainingInterrupted:
-        target = f" --out {out}" if out else ""
-        sets = "".join(f" -s {s}" for s in set_)
-        err_console.print(f"interrupted: checkpoint saved. Resume with: honed run {recipe}{sets}{target} --resume")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says it
+            target = f" --out {out}" if out else ""
+            sets = "".join(f" -s {s}" for s in set_)
+            launcher = "torchrun --nproc_per_node N -m honed" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "honed"
+            err_console.print(f"interrupted: checkpoint saved. Resume with: {launcher} run {recipe}{sets}{target} --resume")
         raise typer.Exit(130)
-    print_verdict(result.metrics, result.run_dir)
+    if result.metrics:  # empty in the helper processes of a distributed run: rank 0 reports
+        print_verdict(result.metrics, result.run_dir)
 
 
 @app.command()

@@ -38,6 +38,7 @@ from .models.load import ModelBundle, _relabel, load_hf_image, load_pretrained, 
 from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import TASKS
 from .tasks import text_classification as tc
+from .train import distributed
 from .train.checkpoint import Checkpointer, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
 from .train.precision import device as pick_device
@@ -442,7 +443,8 @@ def _loop_config(ctx: Context, stage: str, epochs: int, lr: float, n_train: int,
     eval_every = t.eval_every if stage == "model" else max(1, per_epoch)
     return LoopConfig(stage=stage, epochs=epochs, lr=lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                       grad_clip=t.grad_clip, grad_accumulation=t.grad_accumulation, eval_every=eval_every,
-                      patience=t.patience, precision=ctx.precision, primary=ctx.task["primary"], device=ctx.device)
+                      patience=t.patience, precision=ctx.precision, primary=ctx.task["primary"], device=ctx.device,
+                      group=ctx.extra.get("group"))
 
 
 def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval):
@@ -573,8 +575,22 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
 
     on_evaluation(record) is called after every evaluation (honed tune feeds its pruner from it;
     an exception raised there, such as optuna.TrialPruned, stops the run).
+
+    Started by `torchrun` or `accelerate launch`, every process runs this function: they share
+    the main fine-tune (train/distributed.py); rank 0 alone writes the run directory and measures
+    the guards, and the other processes return a RunResult with empty metrics once training ends.
     """
     started = time.time()
+    group = distributed.join()
+    try:
+        return _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group)
+    finally:
+        distributed.leave()
+
+
+def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group) -> RunResult:
+    main = group is None or group.main
+    show_progress = show_progress and main
     recipe, splits = prepare(source, overrides)
     if out is not None:
         recipe.out = str(Path(out).resolve())
@@ -596,14 +612,16 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     if recipe.data.groups:
         audit["groups"] = bias_guard_mod.group_representation(splits.train, recipe.data.groups, "label", recipe.guards.min_group_size)
 
-    prepare_run_dir(run_dir, resume, overwrite)
-    if resume and (run_dir / "recipe.yaml").exists():
-        check_resume_recipe(run_dir, recipe)
-    else:
-        tmp = run_dir / "recipe.yaml.partial"  # a kill mid-write must not leave a run that cannot resume
-        tmp.write_text(dump_recipe(recipe))
-        os.replace(tmp, run_dir / "recipe.yaml")
-    write_json_atomic(run_dir / "audit.json", audit)
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+        if resume and (run_dir / "recipe.yaml").exists():
+            check_resume_recipe(run_dir, recipe)
+        else:
+            tmp = run_dir / "recipe.yaml.partial"  # a kill mid-write must not leave a run that cannot resume
+            tmp.write_text(dump_recipe(recipe))
+            os.replace(tmp, run_dir / "recipe.yaml")
+        write_json_atomic(run_dir / "audit.json", audit)
+    distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
 
     seed = main_seed(recipe)
     task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
@@ -627,8 +645,12 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
         if on_evaluation is not None and records:
             on_evaluation(records[-1])
 
+    ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
     model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
                                          on_history=on_history)
+    ctx.extra["group"] = None
+    if not main:
+        return RunResult(run_dir, {})
     write_history(run_dir, history)
     train_seconds = sum(o.train_seconds for o in outcomes)
 

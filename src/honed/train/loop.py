@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainingInterrupted
+from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .precision import autocast, fit_threads
 
@@ -38,6 +39,7 @@ class LoopConfig:
     primary: str = "accuracy"  # key of the evaluation dict; higher is better
     checkpoint_evaluations: bool = True  # False: only the end-of-stage state is saved (cheap stages)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: distributed.Group | None = None  # the processes sharing each batch (torchrun / accelerate launch)
 
 
 @dataclass
@@ -153,48 +155,66 @@ def train(
         best = tensors.get("best")
         optimizer.load_state_dict(objects["optimizer"])
         scheduler.load_state_dict(objects["scheduler"])
-        set_rng_state(objects["rng"])
+        rng = objects["rng"]  # one state per process in a distributed run
+        set_rng_state(rng[cfg.group.rank % len(rng)] if isinstance(rng, list) else rng)
         s.update(saved)
         if s["done"]:
             if best is not None:
                 load_trainable(model, best)
             return _outcome(s)
 
+    group = cfg.group
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
     def save_checkpoint() -> None:
         if checkpointer is None:
+            return
+        # every process's random state (dropout masks differ per process); collective, so all call it
+        rng = distributed.gather(rng_state(), group) if group is not None else rng_state()
+        if not distributed.is_main():
             return
         # the live weights: the checkpointer writes them out as they are, no copy needed
         tensors = {"weights": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
         if best is not None:
             tensors["best"] = best
-        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
         checkpointer.save(ckpt_name, s["step"], tensors, s, objects)
 
     if progress is not None:
         progress.start(cfg.stage, total, s["step"])
     model.train()
     interval_start = time.perf_counter()
+    step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
     with interrupt_flag() as interrupted:
         while s["epoch"] < cfg.epochs and not s["stopped_early"]:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
                 fit_threads(cfg.precision, cfg.device)
                 indices = plan[s["batch"]]
-                batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(indices).items()}
-                with autocast(cfg.precision, cfg.device):
-                    loss = loss_fn(model, batch)
-                    if regulariser is not None:
-                        loss = loss + regulariser(model)
-                (loss / cfg.grad_accumulation).backward()
-                s["loss_sum"] += float(loss.detach())
+                mine = distributed.shard(indices, group)
+                # each process weighs its loss by its share of the batch: the summed gradients are the batch mean's
+                share = len(mine) / len(indices)
+                if mine:
+                    batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(mine).items()}
+                    with autocast(cfg.precision, cfg.device):
+                        loss = loss_fn(model, batch)
+                        if regulariser is not None:
+                            loss = loss + regulariser(model)
+                    (loss * (share / cfg.grad_accumulation)).backward()
+                    step_loss += float(loss.detach()) * share
                 s["loss_count"] += 1
                 s["samples"] += len(indices)
                 s["interval_samples"] += len(indices)
                 s["batch"] += 1
                 if s["batch"] % cfg.grad_accumulation and s["batch"] < len(plan):
                     continue
+                if group is not None:
+                    step_loss, stop = distributed.average_gradients(trainable, step_loss, interrupted["set"], group)
+                    interrupted["set"] = interrupted["set"] or stop
+                s["loss_sum"] += step_loss
+                step_loss = 0.0
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -208,7 +228,8 @@ def train(
                     record = {"stage": cfg.stage, "step": s["step"], "epoch": round(s["epoch"] + s["batch"] / len(plan), 3),
                               "train_loss": s["loss_sum"] / max(1, s["loss_count"]), "lr": scheduler.get_last_lr()[0],
                               "samples_per_s": s["interval_samples"] / max(elapsed, 1e-9)}
-                    metrics = evaluate(model)
+                    # rank 0 evaluates; every process takes the same best-weights and stopping decisions
+                    metrics = distributed.broadcast(evaluate(model) if distributed.is_main() else None, group)
                     model.train()
                     record.update(metrics)
                     s["loss_sum"], s["loss_count"], s["interval_samples"] = 0.0, 0, 0
@@ -221,7 +242,7 @@ def train(
                         if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
                             s["stopped_early"] = True
                     s["history"].append(record)
-                    if on_evaluation is not None:
+                    if on_evaluation is not None and distributed.is_main():
                         on_evaluation(s["history"])
                     if progress is not None:
                         progress.evaluation(record, cfg.primary)

@@ -25,7 +25,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU when there is one (this process's own under torchrun / accelerate launch), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda")
 
 
 def resolve_precision(requested: str, dev: torch.device | None = None) -> str:
@@ -68,7 +73,8 @@ def set_threads(requested) -> int:
     changes the order of floating-point sums and fp32 runs are reproducible bit for bit.
     """
     if requested == "auto":
-        n = _cores()
+        # processes launched side by side on one machine share its cores
+        n = max(1, _cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         _AUTO.update(on=True, cores=n, share=CpuShare(), checked=time.monotonic(), first=True)  # the first window starts now
     else:
         n = int(requested)
