@@ -21,12 +21,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import track
 from .data.audit import audit_text_splits
 from .data.load import read_table
 from .data.images import audit_images, load_image_splits
 from .data.tabular import audit_tabular, fit_preprocessor, infer_types, load_tabular_splits
 from .data.text import TextSplits, label_to_str, load_text_splits
-from .errors import DataError, RecipeError
+from .errors import DataError, RecipeError, TrainingInterrupted
 from .guards import bias as bias_guard_mod
 from .guards import data_curve
 from .guards.forgetting import choose_interpolation_alpha, forgetting_guard, interpolate_state, linear_cka
@@ -177,6 +178,7 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 def prepare(source, overrides=None):
     """Recipe and data: everything `honed check` does, without loading a model."""
     recipe = load_recipe(source, overrides)
+    track.check_available(recipe)
     if recipe.task.startswith("tabular"):
         splits = load_tabular_splits(recipe, recipe.train.seed)
     elif recipe.task == "image-classification":
@@ -582,13 +584,21 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     """
     started = time.time()
     group = distributed.join()
+    trackers: list[dict] = []  # opened by _run once the run directory exists; closed here however it ends
+    status = "FAILED"
     try:
-        return _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group)
+        result = _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group, trackers)
+        status = "FINISHED"
+        return result
+    except (TrainingInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
+        track.close_trackers(trackers, status)
         distributed.leave()
 
 
-def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group) -> RunResult:
+def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group, trackers) -> RunResult:
     main = group is None or group.main
     show_progress = show_progress and main
     recipe, splits = prepare(source, overrides)
@@ -622,6 +632,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
             os.replace(tmp, run_dir / "recipe.yaml")
         write_json_atomic(run_dir / "audit.json", audit)
     distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
+    if main:
+        trackers.extend(track.open_trackers(recipe, run_dir))
 
     seed = main_seed(recipe)
     task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
@@ -642,6 +654,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
 
     def on_history(records: list[dict]) -> None:
         write_history(run_dir, records)
+        for tracker in trackers:
+            tracker["evaluation"](records[-1])
         if on_evaluation is not None and records:
             on_evaluation(records[-1])
 
@@ -710,6 +724,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     if guards["overfitting"]["details"].get("seeds"):
         metrics["guards"]["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
     write_json_atomic(run_dir / "metrics.json", metrics)
+    for tracker in trackers:
+        tracker["final"](metrics)
     _build_report(run_dir)
     return RunResult(run_dir, metrics)
 

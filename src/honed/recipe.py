@@ -95,6 +95,9 @@ class TrainSpec(Strict):
     threads: int | Literal["auto"] = "auto"
     head_epochs: int = Field(30, ge=1)  # epochs over cached features (head, and lp-ft's first stage)
     head_lr: float | Literal["auto"] = "auto"
+    track: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # experiment trackers (honed[track])
+    tracking_uri: str | None = None  # MLflow tracking URI; default sqlite:///<runs folder>/mlflow.db
+    experiment: str | None = None  # MLflow experiment; default the name of the folder holding the run
 
 
 class OverfitSpec(Strict):
