@@ -40,7 +40,7 @@ from .recipe import Recipe, dump_recipe, load_recipe
 from .tasks import TASKS
 from .tasks import text_classification as tc
 from .train import distributed
-from .train.checkpoint import Checkpointer, write_json_atomic
+from .train.checkpoint import Checkpointer, StateOnDisk, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
 from .train.precision import device as pick_device
 from .train.precision import resolve_precision, set_threads
@@ -70,7 +70,7 @@ class Context:
     splits: TextSplits
     task: dict  # the row of tasks.TASKS for recipe.task
     bundle: ModelBundle
-    pristine: dict  # the pre-trained state dict, before any training
+    pristine: dict | StateOnDisk  # the pre-trained state dict, before any training (on disk during a run)
     encoded: dict  # split name → EncodedSplit
     features: dict  # split name → pre-trained features (the head's input)
     precision: str
@@ -409,7 +409,9 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
     torch.manual_seed(seed)
     if model is None:
         model = copy.deepcopy(ctx.bundle.model)
-        model.load_state_dict(ctx.pristine)
+        model.load_state_dict(pristine_state(ctx))
+        for p in model.parameters():  # as loaded: an earlier fine-tune of bundle.model may have frozen some
+            p.requires_grad_(True)
     bundle = _bundle_for(ctx.bundle, model)
     subset = ctx.task["subset"]
     train_split = ctx.encoded["train"] if train_idx is None else subset(ctx.encoded["train"], train_idx)
@@ -431,6 +433,11 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
     if method["export"] is not None:
         model = method["export"](model)
     return model, outcomes, history
+
+
+def pristine_state(ctx: Context) -> dict[str, torch.Tensor]:
+    """The pre-trained weights as a plain state dict (read back from disk during a run)."""
+    return ctx.pristine.load() if isinstance(ctx.pristine, StateOnDisk) else ctx.pristine
 
 
 def _bundle_for(bundle: ModelBundle, model) -> ModelBundle:
@@ -660,8 +667,10 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
             on_evaluation(records[-1])
 
     ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
+    if main:  # the pre-trained weights wait on disk: the model trains in place, not beside a second copy
+        ctx.pristine = StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors")
     model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
-                                         on_history=on_history)
+                                         on_history=on_history, model=ctx.bundle.model)
     ctx.extra["group"] = None
     if not main:
         return RunResult(run_dir, {})
@@ -724,6 +733,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     if guards["overfitting"]["details"].get("seeds"):
         metrics["guards"]["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
     write_json_atomic(run_dir / "metrics.json", metrics)
+    ctx.pristine.remove()
     for tracker in trackers:
         tracker["final"](metrics)
     _build_report(run_dir)
@@ -773,7 +783,7 @@ def _forgetting(ctx: Context, model, progress) -> tuple[dict, torch.nn.Module]:
     `interpolate`, the WiSE-FT sweep and the exported weights at the chosen α."""
     recipe, ref = ctx.recipe, ctx.reference
     pristine = copy.deepcopy(model)
-    pristine.load_state_dict({k: v for k, v in ctx.pristine.items() if k in pristine.state_dict()}, strict=False)
+    pristine.load_state_dict({k: v for k, v in pristine_state(ctx).items() if k in pristine.state_dict()}, strict=False)
     before = ctx.features["validation"] if ref.on_validation else _features(ctx, pristine, ref.encoded)
     after = _features(ctx, model, ref.encoded)
     metric_before = _original_task_metric(ctx, before)
@@ -798,7 +808,7 @@ def _interpolation_sweep(ctx: Context, model, alphas, metric_before, floor):
     """WiSE-FT: θ_α = (1−α)θ⁰ + αθ_ft for the backbone (the new head always from θ_ft)."""
     head_prefix = ctx.bundle.head_name + "."
     theta_ft = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    theta0 = {k: v for k, v in ctx.pristine.items() if not k.startswith(head_prefix)}
+    theta0 = {k: v for k, v in pristine_state(ctx).items() if not k.startswith(head_prefix)}
     sweep = []
     for alpha in alphas:
         model.load_state_dict(interpolate_state(theta0, theta_ft, alpha))

@@ -447,19 +447,20 @@ def forgetting(ctx, model, before: dict) -> tuple[dict, nn.Module]:
     ppl_before = before["reference_perplexity"]
     sweep, chosen = None, None
     if recipe.interpolate:
-        from ..pipeline import DEFAULT_ALPHAS
+        from ..pipeline import DEFAULT_ALPHAS, pristine_state
 
         alphas = DEFAULT_ALPHAS if recipe.interpolate is True else sorted(recipe.interpolate)
         theta_ft = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        theta0 = pristine_state(ctx)
         sweep = []
         for alpha in alphas:
-            model.load_state_dict(interpolate_state(ctx.pristine, theta_ft, alpha))
+            model.load_state_dict(interpolate_state(theta0, theta_ft, alpha))
             val = metrics(predict(model, ctx.encoded["validation"], ctx.bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device))
             ppl = None if ppl_before is None else _perplexity(ctx, model, ref.encoded)
             sweep.append({"alpha": alpha, "metric": val[PRIMARY], "perplexity": val["perplexity"],
                           "retention": None if ppl is None else ppl_before / ppl})
         chosen = choose_interpolation_alpha(sweep, floor)
-        model.load_state_dict(interpolate_state(ctx.pristine, theta_ft, chosen))
+        model.load_state_dict(interpolate_state(theta0, theta_ft, chosen))
     ppl_after = None if ppl_before is None else _perplexity(ctx, model, ref.encoded)
     try:
         cka = linear_cka(before["reference_features"], _features(ctx, model, ref.encoded))

@@ -14,10 +14,12 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import HonedError
@@ -253,3 +255,61 @@ class Checkpointer:
             raise HonedError(f"checkpoint: {folder} cannot be read ({type(exc).__name__}: {first}); it was damaged outside honed; "
                              "start the run again with --overwrite") from None
         return tensors, state, objects
+
+
+class StateOnDisk(Mapping):
+    """A state dict kept in a safetensors file and read tensor by tensor when asked for.
+
+    The pipeline keeps the pre-trained weights this way during a run, so the model can be
+    fine-tuned in place instead of beside a second full copy (the pre-trained state is needed
+    again only for the guards and for extra fine-tunes: seeds, the learning curve, WiSE-FT).
+    Tensors that share storage (tied embeddings) are written once and aliased.
+    """
+
+    def __init__(self, path: Path, aliases: dict[str, str], keys: list[str]):
+        self.path, self.aliases, self._keys = Path(path), aliases, keys
+
+    @classmethod
+    def write(cls, state: dict[str, torch.Tensor], path: Path) -> "StateOnDisk":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        first_by_storage: dict[tuple, str] = {}
+        stored, aliases = {}, {}
+        for key, tensor in state.items():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+            if where in first_by_storage:
+                aliases[key] = first_by_storage[where]
+            else:
+                first_by_storage[where] = key
+                stored[key] = tensor.detach().contiguous().cpu()
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            save_file(stored, str(tmp))
+            os.replace(tmp, path)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            reason = write_error_reason(exc)
+            if reason is None:
+                raise
+            raise HonedError(f"could not write {path} ({reason}; {_free_space(path.parent)}); {write_advice(reason)}") from None
+        return cls(path, aliases, list(state))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.aliases and key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as fh:
+            return fh.get_tensor(self.aliases.get(key, key))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once (one file open), e.g. for load_state_dict."""
+        with safe_open(str(self.path), framework="pt") as fh:
+            return {key: fh.get_tensor(self.aliases.get(key, key)) for key in self._keys}
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
