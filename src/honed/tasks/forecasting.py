@@ -73,8 +73,19 @@ def forecast(model: nn.Module, past_values: torch.Tensor) -> torch.Tensor:
     return model(past_values=past_values).prediction_outputs[..., 0]
 
 
+def hold_frozen_norms(model: nn.Module) -> None:
+    """Batch norms whose weights are frozen (head, freeze, lora) run in eval mode: in training mode
+    they would still update their running statistics, and a frozen layer must not change."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
 def loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """MSE in units of each series' MASE scale, so a large series does not drown the small ones."""
+    hold_frozen_norms(model)  # the loop puts the whole model back in training mode after each evaluation
     actual, scale = targets(batch["labels"])
     pred = forecast(model, batch["past_values"]).float()
     return (((pred - actual) / scale[:, None]) ** 2).mean()
