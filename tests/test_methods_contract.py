@@ -77,3 +77,40 @@ def test_method_contract_wordllama(method, text_csv, tmp_path):
     assert bundle.family == "wordllama" and bundle.labels == ["neg", "pos"]
     state = load_file(str(result.run_dir / "model" / "model.safetensors"))
     assert set(state) == {"embedding.weight", "classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_contract_forecasting(method, tmp_path):
+    """Forecasting × every method, from a tiny local PatchTST checkpoint: what trains is what the method says."""
+    from test_forecasting import make_series, spec
+    from transformers import PatchTSTConfig, PatchTSTForPrediction
+
+    config = PatchTSTConfig(num_input_channels=1, context_length=12, prediction_length=4, patch_length=4, patch_stride=4,
+                            d_model=16, num_attention_heads=2, num_hidden_layers=2, ffn_dim=32)
+    torch.manual_seed(0)
+    PatchTSTForPrediction(config).save_pretrained(tmp_path / "ckpt")
+    make_series(["a", "b", "c"]).to_csv(tmp_path / "train.csv", index=False)
+    result = honed.run(spec(tmp_path, model=str(tmp_path / "ckpt"), method=method), show_progress=False)
+    run_dir = result.run_dir
+    for name in RUN_FILES:
+        assert (run_dir / name).exists(), name
+    metrics = result.metrics
+    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline"}
+    assert {"mae", "rmse", "mase", "smape", "neg_mase"} <= set(metrics["test"]) and metrics["seasonal_naive"]["mase"] > 0
+
+    before, after = _weights(tmp_path / "ckpt"), _weights(run_dir / "model")
+    assert not any("lora" in k for k in after), "LoRA adapters must be merged on export"
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    head = {k for k in after if k.startswith("head.")}
+    embed = {k for k in after if ".embedder." in k}
+    layer0 = {k for k in after if ".layers.0." in k}
+    if method == "head":
+        assert changed and changed <= head
+    elif method == "freeze":
+        assert not (changed & (embed | layer0)) and changed - head
+    elif method == "lora":
+        assert changed - head and not (changed & embed - {k for k in embed if k.endswith("weight")})
+    else:
+        assert changed & embed and changed & layer0 and changed & head
+    frame = pd.read_csv(run_dir / "predictions.csv")
+    assert len(frame) == 12 and frame["prediction"].notna().all()

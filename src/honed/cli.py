@@ -44,10 +44,13 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
     majority = metrics.get("majority", {}).get(primary)
     line = f"test {primary}: [bold]{test:.4f}[/bold]"
     if probe is not None:
-        what = "pre-trained model" if metrics.get("task") == "chat" else "linear probe (pre-trained)"
+        what = {"chat": "pre-trained model", "forecasting": "before fine-tuning"}.get(metrics.get("task"), "linear probe (pre-trained)")
         line += f"   {what}: {probe:.4f}"
     if majority is not None:
         line += f"   majority class: {majority:.4f}"
+    naive = metrics.get("seasonal_naive", {}).get(primary)
+    if naive is not None:
+        line += f"   seasonal naive: {naive:.4f}"
     out_console.print(line, soft_wrap=True)
     timing = metrics.get("timing", {})
     out_console.print(f"trained in {timing.get('train_seconds', 0):.1f} s ({timing.get('samples_per_second', 0):.1f} samples/s, {timing.get('precision')})")

@@ -30,6 +30,10 @@ def predict(run_dir: str | Path, input_path: str | Path, batch_size: int = 64) -
         from .tasks.chat import predict_conversations
 
         return predict_conversations(model_dir, meta, Path(input_path))
+    if meta.get("family") == "ts-forecast":  # history in long format → the next `horizon` values of each series
+        from .tasks.forecasting import predict_future
+
+        return predict_future(model_dir, meta, Path(input_path), resolve_precision(meta.get("precision", "auto"), dev), dev)
     if meta.get("family") == "hf-image":
         return _predict_images(model_dir, meta, Path(input_path), resolve_precision(meta.get("precision", "auto"), dev), dev, batch_size)
     frame = read_table(input_path, "INPUT")

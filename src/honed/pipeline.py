@@ -36,7 +36,7 @@ from .guards.status import guard_result, skipped
 from .memory import check_memory, estimate_training_memory
 from .methods import METHODS
 from .models.load import ModelBundle, _relabel, load_hf_image, load_pretrained, load_saved, logits_of, run_model_dir, save_model, scratch_copy
-from .recipe import Recipe, dump_recipe, load_recipe
+from .recipe import MLPSpec, Recipe, dump_recipe, load_recipe
 from .tasks import TASKS
 from .tasks import text_classification as tc
 from .train import distributed
@@ -103,8 +103,11 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
     # causal LMs (task: chat): instruction-tuning defaults
     ("causal-lm", "full"): 2e-5, ("causal-lm", "freeze"): 3e-5, ("causal-lm", "lora"): 2e-4,
+    # small PatchTST/PatchTSMixer forecasters (tens of thousands of weights): Adam's usual 1e-3
+    ("ts-forecast", "full"): 3e-3, ("ts-forecast", "freeze"): 3e-3, ("ts-forecast", "lora"): 1e-2, ("ts-forecast", "lp-ft"): 1e-3,
 }
 AUTO_HEAD_LR = 1e-2  # on standardised features
+FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
 
 
 def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
@@ -115,12 +118,18 @@ def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
     if t.head_lr == "auto":
         t.head_lr = AUTO_HEAD_LR
     if t.batch_size == "auto":
-        t.batch_size = {"wordllama": 32, "mlp": 64}.get(family, 16)
-    if t.epochs == "auto":
+        t.batch_size = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}.get(family, 16)
+    per_epoch = math.ceil(n_train / t.batch_size / t.grad_accumulation)
+    if t.epochs == "auto" and family == "ts-forecast":
+        # a small forecaster trained from few windows needs a few hundred steps whatever the data size
+        t.epochs = min(200, max(10, math.ceil(FORECAST_STEPS / per_epoch)))
+    elif t.epochs == "auto":
         # small data needs more passes; early stopping ends runs that stop improving
         t.epochs = 10 if n_train < 2000 else 5 if n_train < 20000 else 3
-    if t.eval_every == "auto":
-        per_epoch = math.ceil(n_train / t.batch_size / t.grad_accumulation)
+    if t.eval_every == "auto" and family == "ts-forecast":
+        # about 20 evaluations per run: a handful of windows per epoch would otherwise stop early in the warm-up
+        t.eval_every = max(per_epoch, per_epoch * t.epochs // 20)
+    elif t.eval_every == "auto":
         t.eval_every = max(1, per_epoch // 2)
     return recipe
 
@@ -179,8 +188,20 @@ def prepare(source, overrides=None):
     """Recipe and data: everything `honed check` does, without loading a model."""
     recipe = load_recipe(source, overrides)
     track.check_available(recipe)
+    if recipe.task != "forecasting" and not isinstance(recipe.model, (str, MLPSpec)):
+        raise RecipeError(f"model: architecture {recipe.model.architecture!r} is a forecasting model; task {recipe.task} cannot use it")
     if recipe.task.startswith("tabular"):
         splits = load_tabular_splits(recipe, recipe.train.seed)
+    elif recipe.task == "forecasting":
+        from .data.forecasting import load_forecast_splits
+
+        if isinstance(recipe.model, MLPSpec):
+            raise RecipeError("model: architecture 'mlp' is for tabular tasks; forecasting builds {architecture: patchtst} or {architecture: patchtsmixer}, or loads a checkpoint or an earlier run")
+        if recipe.replay is not None:
+            raise RecipeError("replay: not available for forecasting; remove the replay section (lora, freeze, l2sp or interpolate limit forgetting)")
+        if recipe.reference is not None and recipe.reference.label is not None:
+            raise RecipeError("reference.label: forecasting scores the reference series on their own target (data.target); remove reference.label")
+        return recipe, load_forecast_splits(recipe)
     elif recipe.task == "image-classification":
         if not isinstance(recipe.model, str):
             raise RecipeError("model: image-classification needs a checkpoint folder, a Hub id or a honed image run")
@@ -214,6 +235,10 @@ def check_audit(recipe: Recipe, splits) -> dict:
         return audit_tabular(splits, fit_preprocessor(splits.train, numeric, categorical))
     if recipe.task == "image-classification":
         return audit_images(splits)
+    if recipe.task == "forecasting":
+        from .data.forecasting import audit_forecast
+
+        return audit_forecast(splits)
     if recipe.task == "chat":  # token-level figures need the tokenizer: `honed run` reports them
         return {"findings": list(splits.notes),
                 "splits": {name: {"rows": int(len(getattr(splits, name)))} for name in ("train", "validation", "test")}}
@@ -246,6 +271,8 @@ def setup(recipe: Recipe, splits: TextSplits, cache: dict | None = None) -> Cont
         task["batches"] = task["batches_for"](recipe)
     if recipe.task.startswith("tabular"):
         bundle = load_tabular_model(recipe, splits)
+    elif recipe.task == "forecasting":
+        bundle = load_forecast_model(recipe)
     elif recipe.task == "image-classification":
         bundle = load_image_model(recipe, splits.labels)
     elif recipe.task == "chat":
@@ -320,6 +347,16 @@ def load_image_model(recipe: Recipe, labels: list[str]) -> ModelBundle:
     return load_hf_image(recipe.model, labels, recipe)
 
 
+def load_forecast_model(recipe: Recipe) -> ModelBundle:
+    """A fresh PatchTST/PatchTSMixer (`model: {architecture: patchtst}`), a checkpoint, or an earlier forecasting run."""
+    from .models.forecast import build_forecaster, load_forecaster
+
+    channels = 1 + len(recipe.data.covariates)
+    if isinstance(recipe.model, str):
+        return load_forecaster(recipe.model, recipe, channels)
+    return build_forecaster(recipe.model, channels, recipe.data.context_length, recipe.data.horizon)
+
+
 def load_tabular_model(recipe: Recipe, splits) -> ModelBundle:
     """A fresh MLP (`model: {architecture: mlp}`), or an earlier honed tabular run to fine-tune."""
     from .models.mlp import build_mlp
@@ -371,6 +408,13 @@ def _load_reference(recipe: Recipe, bundle: ModelBundle, encoded: dict, original
     if spec is None:
         return Reference("the validation inputs (no reference set given)", encoded["validation"], None, True)
     frame = read_table(spec.data, "reference.data")
+    if recipe.task == "forecasting":  # series from the source model's world, in the training file's long format
+        from .data.forecasting import check_long_frame
+        from .tasks.forecasting import reference_windows
+
+        checked = check_long_frame(frame, recipe.data, Path(spec.data).name, where="reference.data").reset_index(drop=True)
+        enc = TASKS[recipe.task]["encode"](bundle, reference_windows(checked, recipe.data, int(recipe.data.season), recipe.data.horizon), None, recipe)
+        return Reference(Path(spec.data).name, enc, enc.labels, False)
     if not recipe.task.startswith("tabular") and spec.text not in frame.columns:
         raise DataError(f"reference.text: column '{spec.text}' not found in {Path(spec.data).name} (columns: {', '.join(map(str, frame.columns[:30]))})")
     labels = None
@@ -423,8 +467,12 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
     for stage in method["stages"]:
         previous = list(history)
         on_eval = (lambda stage_history, previous=previous: on_history(previous + stage_history)) if on_history else None
-        if stage == "head":
+        if stage == "head" and ctx.task.get("cached_head", True):
             outcome = _train_head(ctx, bundle, train_features, train_split.labels, eval_pool, seed, checkpointer, progress, on_eval)
+        elif stage == "head":  # the head trains inside the frozen model (forecasters rescale each window around their head)
+            model = METHODS["head"]["prepare"](model, bundle, recipe)
+            outcome = _train_model(ctx, bundle, model, train_split, subset(train_split, eval_pool), seed, checkpointer, progress, on_eval,
+                                   stage="head", lr=recipe.train.head_lr)
         else:
             model = method["prepare"](model, bundle, recipe)
             outcome = _train_model(ctx, bundle, model, train_split, subset(train_split, eval_pool), seed, checkpointer, progress, on_eval)
@@ -456,7 +504,8 @@ def _loop_config(ctx: Context, stage: str, epochs: int, lr: float, n_train: int,
                       group=ctx.extra.get("group"))
 
 
-def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval):
+def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval,
+                 stage: str = "model", lr: float | None = None):
     t, task = ctx.recipe.train, ctx.task
     val = ctx.encoded["validation"]
 
@@ -473,7 +522,7 @@ def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, che
     loss_fn = task["loss"]
     if ctx.recipe.replay is not None:
         loss_fn = _with_replay(ctx, bundle, seed)
-    cfg = _loop_config(ctx, "model", t.epochs, t.lr, len(train_split), t.batch_size)
+    cfg = _loop_config(ctx, stage, t.epochs, t.lr if lr is None else lr, len(train_split), t.batch_size)
     return train(model, batches, loss_fn, evaluate, cfg, checkpointer, progress, regulariser, on_eval)
 
 
@@ -620,6 +669,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         audit = audit_tabular(splits, ctx.bundle.preprocessor)
     elif recipe.task == "image-classification":
         audit = audit_images(splits)
+    elif recipe.task == "forecasting":
+        audit = check_audit(recipe, splits)
     elif recipe.task == "chat":
         from .data.chat import audit_chat
 
@@ -645,10 +696,15 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     seed = main_seed(recipe)
     task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
     lm = task["kind"] == "lm"  # task: chat — no linear probe, majority class, confusion matrix or bias guard
+    forecast = task["kind"] == "forecast"  # forecasting — the source model's own forecasts instead of a probe; seasonal naive
     if lm:
         from .tasks import chat
 
         before = chat.before_fine_tuning(ctx)  # the pre-trained model: reference perplexity, features, generations
+    elif forecast:
+        from .tasks import forecasting as fc
+
+        probe = {"test": _evaluate(ctx, ctx.bundle.model, "test"), "validation": _evaluate(ctx, ctx.bundle.model, "validation")}
     else:
         probe_key = ("probe", features_key(recipe, ctx.precision))
         probe = cache.get(probe_key) if cache is not None else None
@@ -685,9 +741,12 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     model.cpu()
     save_model(ctx.bundle, model, run_dir / "model", {"task": recipe.task, "max_length": recipe.data.max_length,
                                                      "text_column": recipe.data.text, "image_column": recipe.data.image, "features": recipe.data.features,
-                                                     "precision": ctx.precision, **({"messages_column": recipe.data.messages} if lm else {})})
+                                                     "precision": ctx.precision, **({"messages_column": recipe.data.messages} if lm else {}),
+                                                     **(_forecast_meta(recipe, splits) if forecast else {})})
     if lm:
         chat.write_predictions(run_dir / "predictions.csv", splits.test, test_logits)
+    elif forecast:
+        fc.write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.encoded["test"].naive)
     else:
         _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
     model.to(ctx.device)
@@ -697,7 +756,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         _say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
         other, _, _ = fine_tune(ctx, extra_seed, progress=quiet())
         seeds[extra_seed] = _evaluate(ctx, other, "test")[primary]
-    majority = None if lm else _majority(ctx)
+    majority = None if (lm or forecast) else _majority(ctx)
     guards = {
         "overfitting": chat.overfitting(history, outcomes[-1].best_step, recipe.guards.overfitting.max_gap, seeds if len(seeds) > 1 else None) if lm else
         overfitting_guard(history, outcomes[-1].best_step, primary, recipe.guards.overfitting.max_gap,
@@ -706,6 +765,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         "data": _data_guard(ctx, history, show_progress),
         "bias": _bias(ctx, test_preds, probe["test_predictions"]) if classify else skipped("the bias guard covers classification tasks in this version"),
         "baseline": chat.baseline(ctx, test_metrics, before, train_seconds, show_progress) if lm else
+        _forecast_baseline(ctx, test_metrics, train_seconds, show_progress) if forecast else
         _baseline(ctx, test_metrics, probe, majority, train_seconds, show_progress),
     }
     samples = sum(o.samples_seen for o in outcomes)
@@ -715,8 +775,10 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         "test": test_metrics,
         "validation": val_metrics,
         "pretrained": {**before["test"], "method": "the pre-trained model, before fine-tuning"} if lm else
+        {**probe["test"], "method": "the source model's own forecasts, before fine-tuning" if isinstance(recipe.model, str) else
+         "the randomly initialised model, before training"} if forecast else
         {**probe["test"], "method": "linear probe on the pre-trained features", "C": probe["C"]},
-        "majority": {} if lm else {primary: majority},
+        "majority": {} if (lm or forecast) else {primary: majority},
         "seeds": {str(k): v for k, v in seeds.items()},
         "guards": guards,
         "confusion_matrix": _confusion(ctx.encoded["test"].labels.numpy(), test_preds, ctx.bundle.labels) if classify else None,
@@ -727,6 +789,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         "run": {"run_dir": str(run_dir), "method": recipe.method, "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(), "steps": sum(o.steps for o in outcomes),
                 "stopped_early": any(o.stopped_early for o in outcomes), "seed": seed},
     }
+    if forecast:  # the seasonal-naive forecast on the same test windows, always beside the model's figures
+        metrics["seasonal_naive"] = guards["baseline"]["details"]["seasonal_naive"]
     if lm:  # replies to a few validation prompts, greedy, before and after fine-tuning
         metrics["generations"] = chat.generation_records(before, chat.generations(model, ctx.bundle.tokenizer, before["prompts"], ctx.device))
         guards["baseline"]["details"]["generations"] = metrics["generations"]  # the report renders guard details
@@ -769,8 +833,12 @@ def _features(ctx: Context, model, split) -> torch.Tensor:
     return ctx.task["features"](_bundle_for(ctx.bundle, model), model, split, ctx.eval_batch_size, ctx.precision, ctx.device)
 
 
-def _original_task_metric(ctx: Context, features: torch.Tensor) -> float | None:
+def _original_task_metric(ctx: Context, features: torch.Tensor, model=None) -> float | None:
     ref = ctx.reference
+    if ctx.task["kind"] == "forecast":  # the source model forecasts its own series: MASE on the reference windows
+        if ref.on_validation or model is None:
+            return None
+        return ctx.task["metrics"](_logits(ctx, model, ref.encoded), ref.labels)["mase"]
     if ref.labels is None or ctx.original_head is None:
         return None
     with torch.no_grad():
@@ -786,22 +854,34 @@ def _forgetting(ctx: Context, model, progress) -> tuple[dict, torch.nn.Module]:
     pristine.load_state_dict({k: v for k, v in pristine_state(ctx).items() if k in pristine.state_dict()}, strict=False)
     before = ctx.features["validation"] if ref.on_validation else _features(ctx, pristine, ref.encoded)
     after = _features(ctx, model, ref.encoded)
-    metric_before = _original_task_metric(ctx, before)
-    metric_after = _original_task_metric(ctx, after)
-    retention = metric_after / metric_before if metric_before else None
+    metric_before = _original_task_metric(ctx, before, pristine)
+    metric_after = _original_task_metric(ctx, after, model)
+    retention = _retention(ctx, metric_before, metric_after)
     floor, cka_floor = recipe.guards.forgetting.floor, recipe.guards.forgetting.cka_floor
     sweep, chosen = None, None
     if recipe.interpolate:
         alphas = DEFAULT_ALPHAS if recipe.interpolate is True else sorted(recipe.interpolate)
         sweep, chosen, model = _interpolation_sweep(ctx, model, alphas, metric_before, floor)
         after = _features(ctx, model, ref.encoded)
-        metric_after = _original_task_metric(ctx, after)
-        retention = metric_after / metric_before if metric_before else None
-    cka = linear_cka(before, after)
+        metric_after = _original_task_metric(ctx, after, model)
+        retention = _retention(ctx, metric_before, metric_after)
+    try:
+        cka = linear_cka(before, after)
+    except ValueError:  # e.g. a single validation window (one series): CKA needs two inputs
+        cka = None
     guard = forgetting_guard(reference=ref.name, retention=retention, cka=cka, interpolation=sweep, chosen_alpha=chosen,
                              retention_floor=floor, cka_floor=cka_floor, measured_on_validation=ref.on_validation)
     guard["details"].update({"original_metric_before": metric_before, "original_metric_after": metric_after})
     return guard, model
+
+
+def _retention(ctx: Context, before: float | None, after: float | None) -> float | None:
+    """After ÷ before on the original task; before ÷ after for forecasting's MASE, where lower is better."""
+    if before is None or after is None:
+        return None
+    if ctx.task["kind"] == "forecast":
+        return before / after if after > 0 else None
+    return after / before if before else None
 
 
 def _interpolation_sweep(ctx: Context, model, alphas, metric_before, floor):
@@ -813,8 +893,8 @@ def _interpolation_sweep(ctx: Context, model, alphas, metric_before, floor):
     for alpha in alphas:
         model.load_state_dict(interpolate_state(theta0, theta_ft, alpha))
         val = _evaluate(ctx, model, "validation")[ctx.task["primary"]]
-        after = _original_task_metric(ctx, _features(ctx, model, ctx.reference.encoded))
-        retention = after / metric_before if (after is not None and metric_before) else None
+        after = _original_task_metric(ctx, _features(ctx, model, ctx.reference.encoded), model)
+        retention = _retention(ctx, metric_before, after)
         sweep.append({"alpha": alpha, "metric": val, "retention": retention})
     chosen = choose_interpolation_alpha(sweep, floor)
     model.load_state_dict(interpolate_state(theta0, theta_ft, chosen))
@@ -837,7 +917,11 @@ def learning_curve(ctx: Context, show_progress: bool = False, full_score: float 
     """Fine-tune on nested fractions of the training set; each scored on the same validation split."""
     recipe = ctx.recipe
     fractions = sorted(recipe.guards.curve_fractions)
-    subsets = nested_fractions(ctx.encoded["train"].labels, fractions, main_seed(recipe))
+    if ctx.task["kind"] == "classification":
+        subsets = nested_fractions(ctx.encoded["train"].labels, fractions, main_seed(recipe))
+    else:  # no classes to stratify by (regression targets, forecasting windows): nested prefixes of one seeded shuffle
+        order = torch.randperm(len(ctx.encoded["train"]), generator=torch.Generator().manual_seed(main_seed(recipe) + 17))
+        subsets = [torch.sort(order[: max(1, math.ceil(f * len(order)))]).values for f in fractions]
     scores = []
     for fraction, idx in zip(fractions, subsets):
         if fraction == 1.0 and full_score is not None:
@@ -922,6 +1006,46 @@ def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, tr
         parts.append(f"from scratch {details['scratch']:.3f}")
         return guard_result("ok", ", ".join(parts) + ": pre-training and fine-tuning both pay.", details)
     return guard_result("ok", ", ".join(parts) + " (from-scratch baseline not run: set guards.baseline: true).", details)
+
+
+def _forecast_baseline(ctx: Context, test_metrics: dict, train_seconds: float, show_progress: bool) -> dict:
+    """Forecasting's reference points: seasonal naive on the same test windows (always), and the
+    same architecture trained from random initialisation (as `guards.baseline` says)."""
+    from .tasks.forecasting import seasonal_naive_metrics
+
+    naive = seasonal_naive_metrics(ctx.encoded["test"])
+    wanted = ctx.recipe.guards.baseline
+    details = {"scratch": None, "linear_probe": None, "majority": None, "seasonal_naive": naive, "fine_tuned": test_metrics[ctx.task["primary"]]}
+    if wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS):
+        _say(show_progress, "baseline: training the same architecture from random initialisation")
+        scratch_ctx = copy.copy(ctx)
+        scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
+        scratch_ctx.recipe.method, scratch_ctx.recipe.l2sp = "full", None
+        trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch_copy(ctx.bundle).to(ctx.device))
+        details["scratch"] = _evaluate(ctx, trained, "test")
+    mase, naive_mase = test_metrics["mase"], naive["mase"]
+    problems = []
+    if not mase < naive_mase:
+        problems.append(f"the model's test MASE ({mase:.3f}) does not beat the seasonal-naive forecast ({naive_mase:.3f}); use seasonal naive, or more data or context")
+    scratch = details["scratch"]
+    if scratch is not None and isinstance(ctx.recipe.model, str) and scratch["mase"] <= mase + 0.005:
+        problems.append(f"the same model trained from scratch reaches MASE {scratch['mase']:.3f} against {mase:.3f}: the source model bought nothing here")
+    if problems:
+        return guard_result("warn", "; ".join(problems).capitalize() + ".", details)
+    text = f"Test MASE {mase:.3f} (MAE {test_metrics['mae']:.4g}) against seasonal naive's {naive_mase:.3f} (MAE {naive['mae']:.4g})"
+    if scratch is not None:
+        text += f", from scratch {scratch['mase']:.3f}"
+    elif wanted is not True:
+        text += " (from-scratch baseline not run: set guards.baseline: true)"
+    return guard_result("ok", text + ".", details)
+
+
+def _forecast_meta(recipe: Recipe, splits) -> dict:
+    """What `honed predict` needs to read new history and date its forecasts."""
+    freqs = [f for f in splits.freq.values() if f]
+    return {"series_column": recipe.data.series, "time_column": recipe.data.time, "target_column": recipe.data.target,
+            "covariates": recipe.data.covariates, "context_length": recipe.data.context_length, "horizon": recipe.data.horizon,
+            "season": splits.season, "freq": max(set(freqs), key=freqs.count) if freqs else None}
 
 
 # --------------------------------------------------------------------------- outputs

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RecipeError
 
-TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression", "chat")
+TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat")
 METHOD_NAMES = ("full", "head", "freeze", "lora", "lp-ft")
 
 
@@ -42,6 +42,14 @@ class DataSpec(Strict):
     messages: str = "messages"  # chat: the column holding the list of {role, content} messages
     chat_template: str | None = None  # chat: a Jinja template (or a .jinja file) when the tokenizer has none
     packing: bool = True  # chat: pack short conversations into sequences of max_length tokens
+    series: str = "series"  # forecasting: the column naming each series (long format: one row per series and time)
+    time: str = "time"  # forecasting: the timestamp column
+    target: str = "target"  # forecasting: the value to forecast
+    covariates: list[str] = Field(default_factory=list)  # forecasting: extra numeric input channels (past values only)
+    context_length: int = Field(32, ge=2)  # forecasting: points of history the model reads
+    horizon: int = Field(8, ge=1)  # forecasting: points it forecasts
+    season: int | Literal["auto"] = "auto"  # forecasting: seasonal period of the seasonal-naive baseline and MASE
+    stride: int = Field(1, ge=1)  # forecasting: step between consecutive training windows
 
 
 class AugmentSpec(Strict):
@@ -58,6 +66,17 @@ class MLPSpec(Strict):
     architecture: Literal["mlp"]
     hidden: int = Field(128, ge=1)
     layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class SeriesModelSpec(Strict):
+    """A from-scratch forecasting model: `model: {architecture: patchtst}` (or patchtsmixer)."""
+
+    architecture: Literal["patchtst", "patchtsmixer"]
+    d_model: int = Field(32, ge=2)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)  # patchtst only; d_model must be a multiple of it
+    patch_length: int | Literal["auto"] = "auto"  # auto: context_length // 8, at least 2
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
@@ -150,8 +169,8 @@ class TuneSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "chat"] = "text-classification"
-    model: str | MLPSpec
+    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat"] = "text-classification"
+    model: str | MLPSpec | SeriesModelSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "lp-ft"] = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)

@@ -101,8 +101,8 @@ def model_family(recipe: Recipe) -> str:
     """The family `resolve_auto` will be given (pipeline.setup learns it from the loaded model;
     tune needs it before any model is loaded): from the model, or from an earlier run's honed.json."""
     model = recipe.model
-    if not isinstance(model, str):  # model: {architecture: mlp}
-        return "mlp"
+    if not isinstance(model, str):  # model: {architecture: mlp | patchtst | patchtsmixer}
+        return "mlp" if model.architecture == "mlp" else "ts-forecast"
     if model == "wordllama":
         return "wordllama"
     path = Path(model)
@@ -112,7 +112,7 @@ def model_family(recipe: Recipe) -> str:
             return json.loads((found / HONED_MODEL_FILE).read_text()).get("family", "hf")
         except (OSError, json.JSONDecodeError):
             pass
-    return {"chat": "causal-lm", "image-classification": "hf-image"}.get(recipe.task, "mlp" if recipe.task.startswith("tabular") else "hf")
+    return {"chat": "causal-lm", "image-classification": "hf-image", "forecasting": "ts-forecast"}.get(recipe.task, "mlp" if recipe.task.startswith("tabular") else "hf")
 
 
 def model_depth(model, family: str) -> int | None:

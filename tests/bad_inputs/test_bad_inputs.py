@@ -103,6 +103,20 @@ def predictions_kept(ctx: Ctx, out: str) -> None:
     assert (ctx.tmp / "preds.csv").read_text() == "an earlier result the user wants to keep\n"
 
 
+FORECAST = "task: forecasting\nmodel: {architecture: patchtst, d_model: 16, layers: 1}\ndata:\n  train: series.csv\n  context_length: 12\n  horizon: 4\n"
+
+
+def series_rows(n: int = 40, names=("north", "south")) -> list[str]:
+    """Good long-format rows: monthly, one row per series and month."""
+    return [f"{name},{2015 + i // 12}-{i % 12 + 1:02d}-01,{100 + 10 * (i % 12) + j}" for j, name in enumerate(names) for i in range(n)]
+
+
+def forecast_case(lines: list[str], recipe: str = FORECAST, header: str = "series,time,target"):
+    return steps(write("series.csv", rows(header, lines)), recipe_text(recipe))
+
+
+SERIES = series_rows()
+
 CASES = [
     # ------------------------------------------------------------------ recipe and arguments (exit 2)
     Case("recipe_unknown_top_key", recipe_with(modle="x"), CHECK, 2, ("modle", "unknown key", "did you mean model?")),
@@ -178,6 +192,29 @@ CASES = [
     # a 10 MB text is data, not an error: it is truncated to data.max_length, and audit.json says so
     Case("data_10mb_text_truncated", huge_text_data, RUN, 0, after=truncation_reported, max_seconds=60),
 
+    # ------------------------------------------------------------------ forecasting data (exit 3; recipe mistakes exit 2)
+    Case("forecast_good_data_works", forecast_case(SERIES), CHECK, 0),
+    Case("forecast_target_column_missing", forecast_case([r.rsplit(",", 1)[0] + ",x" for r in SERIES], header="series,time,sales"),
+         CHECK, 3, ("data.target", "'target'", "series.csv", "columns: series, time, sales")),
+    Case("forecast_duplicate_timestamps", forecast_case(SERIES[:5] + [SERIES[4]] + SERIES[5:]), CHECK, 3,
+         ("data.time", "series 'north'", "sharing a timestamp", "2015-05-01", "file lines 6, 7")),
+    Case("forecast_unsorted_timestamps", forecast_case(SERIES[:5] + [SERIES[6], SERIES[5]] + SERIES[7:]), CHECK, 3,
+         ("data.time", "series 'north'", "goes back in time", "file line 8", "sort the file")),
+    Case("forecast_non_numeric_target", forecast_case(SERIES[:9] + ["north,2015-10-01,n/a"] + SERIES[10:]), CHECK, 3,
+         ("data.target", "must be numeric", "'n/a'", "file lines 11")),
+    Case("forecast_missing_target", forecast_case(SERIES[:9] + ["north,2015-10-01,"] + SERIES[10:]), CHECK, 3,
+         ("data.target", "1 row(s)", "no 'target' value", "file lines 11")),
+    Case("forecast_bad_timestamp", forecast_case(SERIES[:3] + ["north,someday,5"] + SERIES[4:]), CHECK, 3,
+         ("data.time", "not timestamps", "'someday'", "file lines 5")),
+    Case("forecast_series_too_short", forecast_case(SERIES + series_rows(20, ("east",))), CHECK, 3,
+         ("data.train", "series 'east'", "20 points", "needs 24")),
+    Case("forecast_context_shorter_than_season", forecast_case(SERIES, FORECAST.replace("context_length: 12", "context_length: 6")),
+         CHECK, 2, ("data.context_length", "shorter than one season (12)")),
+    Case("forecast_validation_file_given", forecast_case(SERIES, FORECAST + "  validation: series.csv\n"), CHECK, 2,
+         ("data.validation", "end of each series")),
+    Case("forecast_mlp_architecture", forecast_case(SERIES, FORECAST.replace("architecture: patchtst, d_model: 16, layers: 1", "architecture: mlp")),
+         CHECK, 2, ("model", "'mlp'", "patchtst")),
+
     # ------------------------------------------------------------------ model paths (exit 2)
     Case("model_path_missing", recipe_with(model="./no-such-model"), RUN, 2, ("model", "no-such-model", "does not exist")),
     Case("model_is_a_file", steps(write("model.bin", b"x"), recipe_with(model="./model.bin")), RUN, 2,
@@ -225,7 +262,8 @@ CASES = [
 
 # data cases run again through `run`: the same exit code, and no run directory appears
 RUN_TOO = ["data_missing_file", "data_ragged_csv", "data_not_utf8", "data_label_column_missing", "data_single_class",
-           "data_nan_inf_labels", "data_unseen_validation_labels", "data_symlink_loop"]
+           "data_nan_inf_labels", "data_unseen_validation_labels", "data_symlink_loop",
+           "forecast_duplicate_timestamps", "forecast_unsorted_timestamps", "forecast_series_too_short"]
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,19 @@ def find_layers(model: nn.Module, head_name: str | None = None) -> tuple[str, li
 
 
 def embedding_module(model: nn.Module) -> nn.Module | None:
-    """BERT-style models group word, position and type embeddings in one `*embeddings` module."""
+    """BERT-style models group word, position and type embeddings in one `*embeddings` module;
+    time-series models embed patches with a linear layer (PatchTST's `embedder`, PatchTSMixer's `patcher`)."""
     for name, module in model.named_modules():
         if name.endswith("embeddings") and any(isinstance(m, nn.Embedding) for m in module.modules()):
             return module
+        if name.endswith(("encoder.embedder", "encoder.patcher")):
+            return module
     get = getattr(model, "get_input_embeddings", None)
     if get is not None:
-        return get()
+        try:
+            return get()
+        except NotImplementedError:  # transformers raises this for models without token embeddings
+            return None
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 

@@ -317,15 +317,16 @@ def save_hf(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
     """Every Hugging Face family (text, image, causal LM) saves the same way: save_pretrained for
     the weights (safetensors) and for the tokenizer or image processor beside them."""
     model.save_pretrained(str(out), safe_serialization=True)
-    bundle.tokenizer.save_pretrained(str(out))
+    if bundle.tokenizer is not None:  # forecasters read numbers: no tokenizer or processor to save
+        bundle.tokenizer.save_pretrained(str(out))
     return {}
 
 
-def reload_hf_dir(model_dir: Path, auto_class):
-    """A model folder written by save_hf, reloaded with its tokenizer: (model, tokenizer)."""
+def reload_hf_dir(model_dir: Path, auto_class, tokenizer: bool = True):
+    """A model folder written by save_hf, reloaded with its tokenizer (None when tokenizer=False): (model, tokenizer)."""
     _quiet_transformers()
     _check_hf_dir(model_dir, allow_pickle=False)
-    tokenizer = _hf_tokenizer(str(model_dir), False)
+    tokenizer = _hf_tokenizer(str(model_dir), False) if tokenizer else None
     try:
         model = auto_class.from_pretrained(str(model_dir), use_safetensors=True)
     except Exception as exc:
@@ -392,12 +393,19 @@ def _mlp_reload(model_dir, meta):
     return reload_mlp(model_dir, meta)
 
 
+def _forecast_reload(model_dir, meta):
+    from .forecast import reload_forecaster
+
+    return reload_forecaster(model_dir, meta)
+
+
 FAMILIES = {
     "wordllama": {"save": save_wordllama, "reload": reload_wordllama},
     "hf": {"save": save_hf, "reload": reload_hf},
     "mlp": {"save": _mlp_save, "reload": _mlp_reload},
     "hf-image": {"save": save_hf, "reload": reload_hf_image},
     "causal-lm": {"save": save_hf, "reload": _causal_lm_reload},
+    "ts-forecast": {"save": save_hf, "reload": _forecast_reload},
 }
 
 
@@ -539,6 +547,10 @@ def scratch_copy(bundle: ModelBundle) -> nn.Module:
         from .causal_lm import scratch_causal_lm
 
         fresh = scratch_causal_lm(model)
+    elif bundle.family == "ts-forecast":
+        from .forecast import scratch_forecaster
+
+        fresh = scratch_forecaster(model)
     elif bundle.family == "mlp":
         from .mlp import TabularMLP
 

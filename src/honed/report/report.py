@@ -34,7 +34,7 @@ GUARDS: list[tuple[str, str]] = [
 STATUSES = ("ok", "warn", "fail", "skipped")
 _SEVERITY = {"fail": 3, "warn": 2, "ok": 1, "skipped": 0}
 _LEVELS = {"error": 0, "warn": 1, "warning": 1, "info": 2}
-_LOWER_IS_BETTER = ("loss", "error", "err", "rmse", "mse", "mae", "mape", "wape", "perplexity", "ppl")
+_LOWER_IS_BETTER = ("loss", "error", "err", "rmse", "mse", "mae", "mape", "wape", "mase", "smape", "perplexity", "ppl")
 _GROUP_DATA_KEYS = ("count", "n", "rows", "share", "label_rate", "positive_rate_in_data")
 _MAX_ROWS = 200
 _MAX_CLASSES = 40
@@ -358,13 +358,14 @@ def _section_headline(run: RunData) -> str:
                        ("pre-trained", m.get("pretrained"))):
         if isinstance(src, dict) and src:
             columns.append((label, (lambda s: lambda k: s.get(k))(src)))
-    for label, key in (("linear probe", "linear_probe"), ("from scratch", "scratch"), ("majority class", "majority")):
+    for label, key in (("linear probe", "linear_probe"), ("from scratch", "scratch"), ("majority class", "majority"),
+                       ("seasonal naive", "seasonal_naive")):
         v = bl.get(key)
         if v is not None:
             columns.append((label, (lambda v: lambda k: _baseline_value(v, k, primary))(v)))
 
     metric_names: list[str] = [primary]
-    for src in (m.get("test"), m.get("validation"), m.get("pretrained"), *(bl.get(k) for k in ("linear_probe", "scratch", "majority"))):
+    for src in (m.get("test"), m.get("validation"), m.get("pretrained"), *(bl.get(k) for k in ("linear_probe", "scratch", "majority", "seasonal_naive"))):
         if isinstance(src, dict):
             metric_names += [k for k in src if k not in metric_names]
     columns = [c for c in columns if any(c[1](k) is not None for k in metric_names)]
@@ -396,7 +397,7 @@ def _section_headline(run: RunData) -> str:
                 bars.append({"name": label, "value": v, "color": PALETTE[0] if i == 0 else "#9aa7b3"})
         if len(bars) >= 2:
             parts.append(charts.bar_chart(bars, primary, "model", title=f"{primary}: fine-tuned vs reference points"))
-    extra = {k: v for k, v in bl.items() if k not in ("scratch", "linear_probe", "majority")}
+    extra = {k: v for k, v in bl.items() if k not in ("scratch", "linear_probe", "majority", "seasonal_naive")}
     if run.guard("baseline"):
         parts.append("<h3>Baseline guard</h3>" + _guard_banner(run, "baseline"))
         if extra:

@@ -4,6 +4,7 @@ The pipeline calls only these entries, so a new task is a new row here, not a ne
 """
 
 from . import chat
+from . import forecasting as fc
 from . import image
 from . import tabular as tab
 from . import text_classification as tc
@@ -44,6 +45,10 @@ TASKS = {
                            "collate": tab.collate, "batches": tab.batches, "loss": tab.regression_loss,
                            "head_loss": tab.head_regression_loss, "predict": tab.predict, "features": tab.features,
                            "metrics": tab.regression_metrics, "probe": tab.ridge_probe},
+    # the head trains inside the model (no cached features: the model rescales its output per window)
+    "forecasting": {"kind": "forecast", "primary": fc.PRIMARY, "encode": fc.encode, "subset": fc.subset, "collate": fc.collate,
+                    "batches": fc.batches, "loss": fc.loss, "head_loss": fc.unsupported, "predict": fc.predict,
+                    "features": fc.features, "metrics": fc.metrics, "probe": fc.unsupported, "cached_head": False},
     "chat": {"kind": "lm", "primary": chat.PRIMARY, "encode": chat.encode, "subset": chat.subset, "collate": chat.collate,
              "batches": chat.batches, "loss": chat.loss, "head_loss": chat.unsupported, "predict": chat.predict,
              "features": chat.features, "metrics": chat.metrics, "probe": chat.unsupported},
