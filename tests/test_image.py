@@ -109,3 +109,19 @@ def test_missing_image_in_csv_and_non_image_predict_input(vit, image_folder, tmp
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(result.run_dir), str(not_images)])
     assert exc.value.code == 3 and "no images" in capsys.readouterr().err
+
+
+def test_replay_on_images_fine_tuning_an_earlier_image_run(vit, image_folder, tmp_path):
+    """Replay mixes reference images, scored by the source run's head, into every step (image batches have no input_ids or x)."""
+    base = {"task": "image-classification", "train": {"epochs": 1, "precision": "fp32", "batch_size": 16}, "guards": {"baseline": False}}
+    source = honed.run(dict(base, model=str(vit), data={"train": str(image_folder)}, out=str(tmp_path / "source")), show_progress=False)
+    target = stripes(tmp_path / "target", 20, seed=3)
+    for old, new in (("horizontal", "rows"), ("vertical", "columns")):  # other classes: the run gets a new head
+        (target / old).rename(target / new)
+    reference = tmp_path / "reference.csv"
+    reference.write_text("image,label\n" + "\n".join(f"{p},{p.parent.name}" for p in sorted(image_folder.rglob("*.png"))[::4]) + "\n")
+    recipe = dict(base, model=str(source.run_dir), data={"train": str(target)}, replay={"fraction": 0.25},
+                  reference={"data": str(reference), "text": "image", "label": "label"}, out=str(tmp_path / "target-run"))
+    metrics = honed.run(recipe, show_progress=False).metrics
+    assert metrics["guards"]["forgetting"]["details"]["retention"] is not None
+    assert set(metrics["confusion_matrix"]["labels"]) == {"rows", "columns"}

@@ -608,7 +608,7 @@ def _with_replay(ctx: Context, bundle, seed: int):
 
     def loss_fn(model, batch):
         base = ctx.task["loss"](model, batch)
-        key = batch["input_ids"] if "input_ids" in batch else batch["x"]
+        key = next(batch[k] for k in ("input_ids", "pixel_values", "x") if k in batch)  # text, image, tabular
         g = torch.Generator().manual_seed(seed * 7919 + int(key.double().sum() * 1000) % (2**31))
         idx = torch.randint(len(ref.encoded), (per_step,), generator=g)
         replay_batch = {k: v.to(ctx.device) for k, v in ctx.task["collate"](ref.encoded, idx, bundle.pad_id).items() if k != "labels"}
