@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 import yaml
 
 from helpers import cli
-from honed.cli import main
 
 
 def test_run_check_predict_report(recipe_factory, tmp_path, capsys):

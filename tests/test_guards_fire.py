@@ -204,3 +204,13 @@ def test_baseline_shows_what_pretraining_bought(tmp_path):
     easy = csv(tmp_path, "easy", synonym_texts(300, 1, SYNONYMS_TRAIN))
     same = run(tmp_path, "easy", "wordllama", easy, **{"guards.baseline": True, "train.epochs": 5, "train.lr": 0.01})
     assert same["guards"]["baseline"]["status"] == "warn", same["guards"]["baseline"]
+
+
+def test_baseline_warns_when_fine_tuning_ends_below_the_linear_probe(tmp_path):
+    """A head trained with a far too small step ends below the probe fitted on the same frozen features."""
+    data = csv(tmp_path, "d", make_texts(300, seed=12))
+    metrics = run(tmp_path, "stalled", "wordllama", data, method="head",
+                  **{"train.head_lr": 1e-6, "train.head_epochs": 1, "guards.baseline": False})
+    guard = metrics["guards"]["baseline"]
+    assert metrics["test"]["accuracy"] < metrics["pretrained"]["accuracy"] - 0.01
+    assert guard["status"] == "warn" and "linear probe on the frozen pre-trained features" in guard["summary"], guard

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from helpers import cli
-from honed.cli import main
 from honed.errors import RecipeError
 from honed.recipe import load_recipe
 from honed.tune import ALPHA_RATIO, Param, default_space, format_value, parse_space, to_overrides

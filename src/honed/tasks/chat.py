@@ -12,7 +12,6 @@ padding sits at the end of a row, so causal attention keeps it away from real to
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import threading
@@ -364,7 +363,6 @@ def generate_chat(run_dir_or_bundle, messages, max_tokens: int = 128, temperatur
 def predict_conversations(model_dir: Path, meta: dict, input_path: Path, max_tokens: int = 128):
     """`honed predict` for a chat run: one reply per conversation (a trailing assistant message is the
     one to predict, so it is left out of the prompt and kept as `expected`)."""
-    import pandas as pd
 
     from ..data.chat import validate_messages
     from ..data.load import read_table
@@ -487,20 +485,14 @@ def overfitting(history, best_step, max_gap: float, seeds) -> dict:
 def baseline(ctx, test_metrics: dict, before: dict, train_seconds: float, show_progress: bool) -> dict:
     """Did fine-tuning help over the pre-trained model, and did pre-training help over random init?"""
     from ..guards.status import guard_result
-    from ..models.load import scratch_copy
-    from ..pipeline import BASELINE_AUTO_SECONDS, _say, fine_tune, main_seed
-    from ..train.progress import quiet
+    from ..pipeline import BASELINE_AUTO_SECONDS, _say, train_from_scratch
 
     pre, tuned = before["test"]["perplexity"], test_metrics["perplexity"]
     details = {"scratch": None, "linear_probe": None, "majority": None, "pretrained": pre, "fine_tuned": tuned, "metric": "perplexity"}
     wanted = ctx.recipe.guards.baseline
     if wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS):
         _say(show_progress, "baseline: training the same architecture from random initialisation")
-        scratch_ctx = copy.copy(ctx)
-        scratch_ctx.recipe = ctx.recipe.model_copy(deep=True)
-        scratch_ctx.recipe.method = "full"
-        scratch_ctx.recipe.l2sp = None
-        trained, _, _ = fine_tune(scratch_ctx, main_seed(ctx.recipe), progress=quiet(), model=scratch_copy(ctx.bundle).to(ctx.device))
+        trained = train_from_scratch(ctx)
         details["scratch"] = metrics(predict(trained, ctx.encoded["test"], ctx.bundle.pad_id, ctx.eval_batch_size, ctx.precision, ctx.device))["perplexity"]
     problems = []
     if not tuned < pre:

@@ -170,8 +170,14 @@ class Checkpointer:
     def _pointer(self, stage: str) -> Path:
         return self.root / f"{stage}.{POINTER}"
 
-    def save(self, stage: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, objects: dict) -> Path:
-        """tensors: groups of tensors (weights, best weights) → safetensors; objects: optimizer, RNG → torch.save."""
+    def save(self, stage: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, objects: dict,
+             carry: dict[str, Path] | None = None) -> Path:
+        """tensors: groups of tensors (weights, best weights) → safetensors; objects: optimizer, RNG → torch.save.
+
+        carry: group name → a file of an earlier checkpoint to keep in this one (hard-linked where
+        the filesystem allows, copied otherwise), e.g. the best weights, which then never need to
+        be held in memory.
+        """
         # a fresh name each time, so the folder the pointer names is never replaced in place
         name = f"{stage}-{step:08d}-{time.time_ns()}"
         final = self.root / name
@@ -186,6 +192,13 @@ class Checkpointer:
                 path = tmp / f"{group}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in group_tensors.items()}, str(path))
                 _fsync_file(path)
+            for group, source in (carry or {}).items():
+                path = tmp / f"{group}.safetensors"
+                try:
+                    os.link(source, path)
+                except OSError:
+                    shutil.copyfile(source, path)
+                    _fsync_file(path)
             fault("checkpoint-write")
             torch.save(objects, tmp / "state.pt")
             _fsync_file(tmp / "state.pt")
@@ -235,7 +248,14 @@ class Checkpointer:
         name = self.latest_name(stage)
         return name is not None and (self.root / name / "state.json").exists()
 
-    def load(self, stage: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    def group_file(self, stage: str, group: str) -> Path | None:
+        """The latest checkpoint's file for one group of tensors, if it has one."""
+        name = self.latest_name(stage)
+        path = self.root / name / f"{group}.safetensors" if name is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def load(self, stage: str, groups: tuple[str, ...] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+        """The latest checkpoint: (tensor groups, state, objects); `groups` limits which tensor files are read."""
         name = self.latest_name(stage)
         if name is None:
             raise HonedError(f"checkpoint: {self._pointer(stage)} is missing or names no checkpoint; "
@@ -246,7 +266,7 @@ class Checkpointer:
             raise HonedError(f"checkpoint: {folder} is incomplete (no {', '.join(missing)}); it was changed outside honed; "
                              "start the run again with --overwrite")
         try:
-            tensors = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+            tensors = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors")) if groups is None or p.stem in groups}
             state = json.loads((folder / "state.json").read_text())
             # our own file, but still: weights_only refuses anything that would run code
             objects = torch.load(folder / "state.pt", weights_only=True)

@@ -84,6 +84,16 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def load_trainable_file(model: nn.Module, path) -> None:
+    """load_trainable from a safetensors file, one tensor at a time (no second copy of the weights)."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt") as fh, torch.no_grad():
+        for name in fh.keys():
+            params[name].copy_(fh.get_tensor(name))
+
+
 def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
     """AdamW; no decay on biases and norms (1-D tensors); fused where the build supports it."""
     decay, no_decay = [], []
@@ -149,8 +159,11 @@ def train(
          "train_seconds": 0.0, "stopped_early": False, "done": False}
     best: dict[str, torch.Tensor] | None = None
     ckpt_name = f"{cfg.stage}"
+    # with a checkpoint at every evaluation the best weights live in the checkpoints, not in memory:
+    # a copy of every trainable weight is the largest thing honed would otherwise add to training
+    best_on_disk = checkpointer is not None and cfg.checkpoint_evaluations
     if checkpointer is not None and checkpointer.exists(ckpt_name):
-        tensors, saved, objects = checkpointer.load(ckpt_name)
+        tensors, saved, objects = checkpointer.load(ckpt_name, ("weights",) if best_on_disk else None)
         load_trainable(model, tensors["weights"])
         best = tensors.get("best")
         optimizer.load_state_dict(objects["optimizer"])
@@ -177,8 +190,12 @@ def train(
         tensors = {"weights": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
         if best is not None:
             tensors["best"] = best
+        carry = {}
+        if best_on_disk and s["best_step"] is not None and s["best_step"] != s["step"]:
+            # the best weights are the latest checkpoint's best file, or its weights when it was saved at the best step
+            carry["best"] = checkpointer.group_file(ckpt_name, "best") or checkpointer.group_file(ckpt_name, "weights")
         objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-        checkpointer.save(ckpt_name, s["step"], tensors, s, objects)
+        checkpointer.save(ckpt_name, s["step"], tensors, s, objects, carry)
 
     if progress is not None:
         progress.start(cfg.stage, total, s["step"])
@@ -236,7 +253,8 @@ def train(
                     value = metrics[f"val_{cfg.primary}"]
                     if s["best_metric"] is None or value > s["best_metric"]:
                         s["best_metric"], s["best_step"], s["bad_evals"] = value, s["step"], 0
-                        best = snapshot_trainable(model, best)
+                        if not best_on_disk:
+                            best = snapshot_trainable(model, best)
                     else:
                         s["bad_evals"] += 1
                         if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
@@ -262,6 +280,9 @@ def train(
         progress.finish()
     if best is not None:
         load_trainable(model, best)
+    elif best_on_disk and s["best_step"] not in (None, s["step"]) and distributed.is_main():
+        # (the other processes of a distributed run return their copy unused: rank 0 reports)
+        load_trainable_file(model, checkpointer.group_file(ckpt_name, "best") or checkpointer.group_file(ckpt_name, "weights"))
     s["done"] = True
     save_checkpoint()
     return _outcome(s)
