@@ -725,8 +725,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
             on_evaluation(records[-1])
 
     ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
-    if main:  # the pre-trained weights wait on disk: the model trains in place, not beside a second copy
-        ctx.pristine = StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors")
+    # the pre-trained weights wait on disk (rank 0 needs them for the guards): the model trains in place, not beside a second copy
+    ctx.pristine = StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors") if main else {}
     model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
                                          on_history=on_history, model=ctx.bundle.model)
     ctx.extra["group"] = None

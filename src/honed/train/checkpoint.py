@@ -305,6 +305,8 @@ class StateOnDisk(Mapping):
         tmp = path.with_name(path.name + ".partial")
         try:
             save_file(stored, str(tmp))
+            # written out now, not by the kernel's writeback in the middle of the training that follows
+            _fsync_file(tmp)
             os.replace(tmp, path)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
