@@ -65,7 +65,10 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ):
-    """Fine-tune: writes a run directory and prints a short verdict table."""
+    """Fine-tune: writes a run directory and prints a short verdict table.
+
+    Under torchrun or accelerate launch (torchrun --nproc_per_node 4 -m honed run recipe.yaml) the processes train data-parallel and rank 0 writes the run directory.
+    """
     from .pipeline import run as run_pipeline
 
     if resume and overwrite:
