@@ -207,10 +207,10 @@ def test_baseline_shows_what_pretraining_bought(tmp_path):
 
 
 def test_baseline_warns_when_fine_tuning_ends_below_the_linear_probe(tmp_path):
-    """A head trained with a far too small step ends below the probe fitted on the same frozen features."""
+    """A fine-tune with a far too small step leaves the new head near chance, below the probe on the same features."""
     data = csv(tmp_path, "d", make_texts(300, seed=12))
-    metrics = run(tmp_path, "stalled", "wordllama", data, method="head",
-                  **{"train.head_lr": 1e-6, "train.head_epochs": 1, "guards.baseline": False})
+    metrics = run(tmp_path, "stalled", "wordllama", data, method="full",
+                  **{"train.lr": 1e-8, "train.epochs": 1, "guards.baseline": False})
     guard = metrics["guards"]["baseline"]
     assert metrics["test"]["accuracy"] < metrics["pretrained"]["accuracy"] - 0.01
     assert guard["status"] == "warn" and "linear probe on the frozen pre-trained features" in guard["summary"], guard

@@ -115,3 +115,14 @@ def test_method_contract_forecasting(method, tmp_path):
         assert changed & head
     frame = pd.read_csv(run_dir / "predictions.csv")
     assert len(frame) == 12 and frame["prediction"].notna().all()
+
+
+def test_head_starts_from_the_linear_probe_when_it_is_better(text_csv, tmp_path):
+    """One head epoch at a tiny step: the head is where it started, and it started at the probe's solution."""
+    from helpers import write_recipe
+
+    recipe = write_recipe(tmp_path, "wordllama", text_csv, method="head",
+                          **{"train.head_lr": 1e-9, "train.head_epochs": 1, "guards.baseline": False})
+    metrics = honed.run(str(recipe), show_progress=False).metrics
+    # the same weights as the probe (up to float32 rounding): the same test predictions, within a row or two
+    assert abs(metrics["test"]["accuracy"] - metrics["pretrained"]["accuracy"]) <= 0.02 and metrics["test"]["accuracy"] > 0.7

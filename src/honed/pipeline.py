@@ -470,7 +470,8 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
         previous = list(history)
         on_eval = (lambda stage_history, previous=previous: on_history(previous + stage_history)) if on_history else None
         if stage == "head" and ctx.task.get("cached_head", True):
-            outcome = _train_head(ctx, bundle, train_features, train_split.labels, eval_pool, seed, checkpointer, progress, on_eval)
+            probe_head = ctx.extra.get("probe_head") if train_idx is None else None  # fitted on the whole training split
+            outcome = _train_head(ctx, bundle, train_features, train_split.labels, eval_pool, seed, checkpointer, progress, on_eval, probe_head)
         elif stage == "head":  # the head trains inside the frozen model (forecasters rescale each window around their head)
             model = METHODS["head"]["prepare"](model, bundle, recipe)
             outcome = _train_model(ctx, bundle, model, train_split, subset(train_split, eval_pool), seed, checkpointer, progress, on_eval,
@@ -528,12 +529,15 @@ def _train_model(ctx: Context, bundle, model, train_split, train_eval, seed, che
     return train(model, batches, loss_fn, evaluate, cfg, checkpointer, progress, regulariser, on_eval)
 
 
-def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpointer, progress, on_eval):
+def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpointer, progress, on_eval, probe_head=None):
     """Train only the final linear layer on cached backbone features: epochs cost almost nothing.
 
     The head trains on standardised features (so one learning rate suits every backbone's
     feature scale) and the standardisation is then folded into the head's weights, so the
-    exported model needs no extra layer.
+    exported model needs no extra layer. With `probe_head` (the linear probe's logistic
+    regression, fitted to convergence) training starts from whichever of it and the model's own
+    head scores better on validation: a new head starts where the probe ended (as in LP-FT),
+    a source model's head that already fits the task keeps its head start.
     """
     t = ctx.recipe.train
     dev = ctx.device
@@ -564,6 +568,14 @@ def _train_head(ctx: Context, bundle, train_x, train_y, eval_pool, seed, checkpo
         out.pop("train_loss", None)
         return out
 
+    if probe_head is not None and probe_head["weight"].shape == work.weight.shape:
+        own = evaluate(work)[f"val_{ctx.task['primary']}"]
+        kept = {k: v.detach().clone() for k, v in work.state_dict().items()}
+        with torch.no_grad():  # the probe's standardisation (population std) in this head's (sample std)
+            work.weight.copy_((probe_head["weight"] * (std / probe_head["scale"])).to(dev))
+            work.bias.copy_((probe_head["bias"] + probe_head["weight"] @ ((mean - probe_head["mean"]) / probe_head["scale"])).to(dev))
+        if evaluate(work)[f"val_{ctx.task['primary']}"] < own:
+            work.load_state_dict(kept)
     batch_size = max(t.batch_size, 64)
     batches = tc.feature_batches(train_scaled, train_y, batch_size, seed)
     cfg = _loop_config(ctx, "head", t.head_epochs, t.head_lr, len(train_y), batch_size)
@@ -724,6 +736,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         if on_evaluation is not None and records:
             on_evaluation(records[-1])
 
+    ctx.extra["probe_head"] = None if (lm or forecast) else probe.get("head")
     ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
     # the pre-trained weights wait on disk (rank 0 needs them for the guards): the model trains in place, not beside a second copy
     ctx.pristine = StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors") if main else {}

@@ -220,4 +220,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x, val_y, tes
     logits = torch.tensor(np.log(np.clip(proba, 1e-12, 1.0)), dtype=torch.float32)
     test = metrics_from_logits(logits, test_y)
     val_logits = torch.tensor(np.log(np.clip(clf.predict_proba(xs[1]), 1e-12, 1.0)), dtype=torch.float32)
-    return {"test": test, "validation": metrics_from_logits(val_logits, val_y), "C": c, "test_predictions": proba.argmax(1)}
+    coef, intercept = torch.tensor(clf.coef_, dtype=torch.float32), torch.tensor(clf.intercept_, dtype=torch.float32)
+    if coef.shape[0] == 1:  # binary: scikit-learn keeps one row, the logit of the second class against the first
+        coef, intercept = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(intercept), intercept])
+    head = {"weight": coef, "bias": intercept, "mean": torch.tensor(scaler.mean_, dtype=torch.float32),
+            "scale": torch.tensor(scaler.scale_, dtype=torch.float32)}  # logits = weight · (x − mean) / scale + bias
+    return {"test": test, "validation": metrics_from_logits(val_logits, val_y), "C": c, "test_predictions": proba.argmax(1), "head": head}
