@@ -80,7 +80,7 @@ def write_results(source: dict, source_seconds: float, rows, seconds: float) -> 
         "month, January 2000 – July 2015. Context 36 months, horizon 12 months; the test window is each city's last 12",
         "months (August 2014 – July 2015), validation the 12 before; training windows end before validation.",
         "",
-        f"Source model: PatchTST (2 layers, d_model 32) trained by honed on the other 24 cities in {source_seconds:.0f} s:",
+        f"Source model: PatchTST (2 layers, d_model 32) trained by honed on the other 24 cities in {source_seconds:.1f} s:",
         f"test MASE {source['test']['mase']:.3f}, MAE {source['test']['mae']:.1f} sales, sMAPE {source['test']['smape']:.1f} % against",
         f"seasonal naive's MASE {naive['mase']:.3f}, MAE {naive['mae']:.1f}, sMAPE {naive['smape']:.1f} % (24 cities × 12 months).",
         "",
@@ -91,7 +91,7 @@ def write_results(source: dict, source_seconds: float, rows, seconds: float) -> 
     ]
     for city, name, m, nv, retention, secs in rows:
         lines.append(f"| {city} | {name} | {m['mae']:.1f} | {m['mase']:.3f} | {m['smape']:.1f} | {nv['mae']:.1f} | {nv['mase']:.3f} | "
-                     f"{'' if retention is None else f'{retention:.3f}'} | {'' if secs is None else f'{secs:.0f}'} |")
+                     f"{'' if retention is None else f'{retention:.3f}'} | {'' if secs is None else f'{secs:.1f}'} |")
     lines += ["", "**Retention** is the source model's MASE on its own 24 cities before fine-tuning divided by after",
               "(1.0 = nothing forgotten; below `guards.forgetting.floor`, 0.95, the forgetting guard fails).", ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
