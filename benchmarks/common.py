@@ -354,3 +354,32 @@ def machine_cell(info: dict) -> str:
 
 def versions_cell(info: dict) -> str:
     return f"torch {info['torch']}, transformers {info['transformers']}"
+
+
+# --------------------------------------------------------------------------- the scripts' shared command line
+
+def add_run_options(parser) -> None:
+    """The options every comparison script has: recording, and the hidden ones its child processes get."""
+    import argparse
+
+    parser.add_argument("--no-record", action="store_true", help="do not append a row to RESULTS.md")
+    parser.add_argument("--note", default="", help="a note for the RESULTS.md row")
+    parser.add_argument("--contestant", help=argparse.SUPPRESS)
+    parser.add_argument("--assets", help=argparse.SUPPRESS)
+
+
+def chosen_contestants(parser, text: str, known) -> list[str]:
+    """The comma-separated --contestants, each checked against the script's table."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--contestants: unknown {unknown}; choose from {', '.join(known)}")
+    return names
+
+
+def announce_machine() -> tuple[dict, float]:
+    """Print the machine line every script starts with; returns (machine info, load average before)."""
+    info = machine()
+    load_before = load_average()
+    print(f"machine: {machine_cell(info)}; {versions_cell(info)}; load average {load_before:.2f}")
+    return info, load_before

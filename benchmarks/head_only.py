@@ -115,25 +115,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--contestants", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(CONTESTANTS)}")
-    p.add_argument("--no-record", action="store_true")
-    p.add_argument("--note", default="")
-    p.add_argument("--contestant", help=argparse.SUPPRESS)
-    p.add_argument("--assets", help=argparse.SUPPRESS)
+    common.add_run_options(p)
     args = p.parse_args()
     if args.contestant:
         return child(args)
     if args.batch_size < 64:
         print("note: honed's head stage trains with batch max(batch_size, 64); Trainer gets the same batch only at --batch-size >= 64")
 
-    names = [n.strip() for n in args.contestants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTESTANTS]
-    if unknown:
-        p.error(f"--contestants: unknown {unknown}; choose from {', '.join(CONTESTANTS)}")
-    info = common.machine()
-    load_before = common.load_average()
-    print(f"machine: {common.machine_cell(info)}; {common.versions_cell(info)}; load average {load_before:.2f}")
+    names = common.chosen_contestants(p, args.contestants, CONTESTANTS)
+    info, load_before = common.announce_machine()
     with tempfile.TemporaryDirectory(prefix="bench-head-") as tmp:
-        assets = common.build_assets(Path(tmp), n_train=args.samples, seed=args.seed)
+        common.build_assets(Path(tmp), n_train=args.samples, seed=args.seed)
         print(f"data: {args.samples} sequences, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; trainable: the classifier only")
         runs: dict[str, list[dict]] = {n: [] for n in names}
         extra = ["--samples", str(args.samples), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),

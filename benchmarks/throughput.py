@@ -141,23 +141,15 @@ def main() -> None:
     p.add_argument("--check-precision", action="store_true", help="also run honed in fp32: bf16's final loss against fp32's")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table for honed's training steps")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--no-record", action="store_true", help="do not append a row to RESULTS.md")
-    p.add_argument("--note", default="", help="a note for the RESULTS.md row")
-    p.add_argument("--contestant", help=argparse.SUPPRESS)
-    p.add_argument("--assets", help=argparse.SUPPRESS)
+    common.add_run_options(p)
     args = p.parse_args()
     if args.contestant:
         return child(args)
 
-    names = [n.strip() for n in args.contestants.split(",") if n.strip()]
+    names = common.chosen_contestants(p, args.contestants, CONTESTANTS)
     if args.check_precision and "honed-fp32" not in names:
         names.append("honed-fp32")
-    unknown = [n for n in names if n not in CONTESTANTS]
-    if unknown:
-        p.error(f"--contestants: unknown {unknown}; choose from {', '.join(CONTESTANTS)}")
-    info = common.machine()
-    load_before = common.load_average()
-    print(f"machine: {common.machine_cell(info)}; {common.versions_cell(info)}; load average {load_before:.2f}")
+    info, load_before = common.announce_machine()
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         assets = common.build_assets(Path(tmp), n_train=args.samples, seed=args.seed)
         shape = common.model_shape(assets["model"])

@@ -190,19 +190,14 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the lower of the two best accuracies)")
-    p.add_argument("--no-record", action="store_true")
-    p.add_argument("--note", default="")
-    p.add_argument("--contestant", help=argparse.SUPPRESS)
-    p.add_argument("--assets", help=argparse.SUPPRESS)
+    common.add_run_options(p)
     args = p.parse_args()
     if args.contestant:
         return child(args)
 
     from honed.demo import demo_data
 
-    info = common.machine()
-    load_before = common.load_average()
-    print(f"machine: {common.machine_cell(info)}; {common.versions_cell(info)}; load average {load_before:.2f}")
+    info, load_before = common.announce_machine()
     extra = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
              "--eval-every", str(args.eval_every), "--max-length", str(args.max_length), "--seed", str(args.seed)]
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:

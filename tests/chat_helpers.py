@@ -82,19 +82,15 @@ def build_tokenizer(with_template: bool = True):
 
 
 def build_tiny_llama(folder: Path, with_template: bool = True) -> Path:
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(with_template)
     config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    from helpers import save_seeded_checkpoint
+
+    return save_seeded_checkpoint(LlamaForCausalLM, config, tokenizer, folder)
 
 
 def write_chat_recipe(folder: Path, model, train: Path, **changes) -> Path:

@@ -50,10 +50,16 @@ def build_tiny_bert(folder: Path) -> Path:
                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    return save_seeded_checkpoint(BertForSequenceClassification, config, tokenizer, folder)
+
+
+def save_seeded_checkpoint(model_class, config, tokenizer, folder: Path) -> Path:
+    """A randomly initialised model (seed 0) and its tokenizer, saved as a checkpoint folder."""
     import torch
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
+    model = model_class(config)
+    Path(folder).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

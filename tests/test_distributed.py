@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helpers import build_tiny_bert, make_texts, write_recipe
+from reliability.harness import final_state
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # Stated tolerance: the two processes sum the gradient halves in another order than one process
@@ -41,6 +41,22 @@ def accelerate_launch(*args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "honed", *map(str, args)]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once, as a machine failure would. (torchrun starts each
+    worker in a session of its own, so killing the launcher's process group would leave them running.)"""
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for p in [*workers, psutil.Process(proc.pid)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    psutil.wait_procs(workers, timeout=30)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker survived the kill"
 
 
 def single(*args) -> subprocess.Popen:
@@ -83,13 +99,9 @@ def two_processes(setup_dir) -> Path:
     return out
 
 
-def result(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    return json.loads((run_dir / "metrics.json").read_text()), load_file(str(run_dir / "model" / "model.safetensors"))
-
-
 def test_two_processes_match_one_process_with_the_same_global_batch(one_process, two_processes):
-    m1, w1 = result(one_process)
-    m2, w2 = result(two_processes)
+    m1, w1 = final_state(one_process)
+    m2, w2 = final_state(two_processes)
     assert m1["run"]["steps"] == m2["run"]["steps"]
     assert m1["guards"]["overfitting"]["details"]["best_step"] == m2["guards"]["overfitting"]["details"]["best_step"]
     assert m1["test"]["accuracy"] == m2["test"]["accuracy"]
@@ -108,7 +120,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(one_process,
 def test_accelerate_launch_gives_the_torchrun_result(setup_dir, two_processes):
     out = setup_dir / "accelerate"
     finish(accelerate_launch("run", setup_dir / "recipe.yaml", "--out", out))
-    (_, w_torchrun), (_, w_accelerate) = result(two_processes), result(out)
+    (_, w_torchrun), (_, w_accelerate) = final_state(two_processes), final_state(out)
     assert all(torch.equal(w_torchrun[k], w_accelerate[k]) for k in w_torchrun)
 
 
@@ -122,11 +134,10 @@ def test_killed_distributed_run_resumes_to_the_uninterrupted_result(setup_dir, t
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
-    proc.wait(30)
+    kill_job(proc)
     assert not (run_dir / "metrics.json").exists(), "the kill must land before training finished"
     finish(torchrun("run", setup_dir / "recipe.yaml", "--out", run_dir, "--resume"))
-    (m_ref, w_ref), (m_res, w_res) = result(two_processes), result(run_dir)
+    (m_ref, w_ref), (m_res, w_res) = final_state(two_processes), final_state(run_dir)
     assert m_ref["validation"] == m_res["validation"] and m_ref["test"] == m_res["test"]
     assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+
+from reliability.harness import assert_same_result
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -31,23 +31,6 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
             raise AssertionError(f"training ended before its first checkpoint: {proc.stderr.read()}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
-
-
-def final_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    weights = load_file(str(run_dir / "model" / "model.safetensors"))
-    return metrics, weights
-
-
-def assert_same_result(a: Path, b: Path) -> None:
-    metrics_a, weights_a = final_state(a)
-    metrics_b, weights_b = final_state(b)
-    assert metrics_a["test"] == metrics_b["test"]
-    assert metrics_a["validation"] == metrics_b["validation"]
-    assert metrics_a["guards"]["overfitting"]["details"]["best_step"] == metrics_b["guards"]["overfitting"]["details"]["best_step"]
-    assert weights_a.keys() == weights_b.keys()
-    for key in weights_a:
-        assert torch.equal(weights_a[key], weights_b[key]), key
 
 
 @pytest.fixture

@@ -486,6 +486,13 @@ def fine_tune(ctx: Context, seed: int, train_idx: torch.Tensor | None = None, ch
     return model, outcomes, history
 
 
+def needs_pristine_again(recipe: Recipe) -> bool:
+    """After the main fine-tune, the pre-trained weights are read again only by extra seeds, the
+    learning curve, WiSE-FT interpolation and the forgetting guard on a reference set."""
+    return bool(recipe.interpolate or (recipe.train.seeds and len(recipe.train.seeds) > 1)
+                or recipe.guards.data_curve or recipe.reference is not None)
+
+
 def pristine_state(ctx: Context) -> dict[str, torch.Tensor]:
     """The pre-trained weights as a plain state dict (read back from disk during a run)."""
     return ctx.pristine.load() if isinstance(ctx.pristine, StateOnDisk) else ctx.pristine
@@ -659,6 +666,8 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     try:
         result = _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, started, group, trackers)
         status = "FINISHED"
+        # the helper processes wait for rank 0's guards: gloo aborts a process that leaves the group while a peer is still in it
+        distributed.barrier(group)
         return result
     except (TrainingInterrupted, KeyboardInterrupt):
         status = "KILLED"
@@ -738,8 +747,9 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
 
     ctx.extra["probe_head"] = None if (lm or forecast) else probe.get("head")
     ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
-    # the pre-trained weights wait on disk (rank 0 needs them for the guards): the model trains in place, not beside a second copy
-    ctx.pristine = StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors") if main else {}
+    # the model trains in place, not beside a second copy; the pre-trained weights wait on disk when a guard needs them again
+    ctx.pristine = (StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors")
+                    if main and needs_pristine_again(recipe) else {})
     model, outcomes, history = fine_tune(ctx, seed, checkpointer=Checkpointer(run_dir / "checkpoints"), progress=progress,
                                          on_history=on_history, model=ctx.bundle.model)
     ctx.extra["group"] = None
@@ -812,7 +822,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     if guards["overfitting"]["details"].get("seeds"):
         metrics["guards"]["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
     write_json_atomic(run_dir / "metrics.json", metrics)
-    ctx.pristine.remove()
+    if isinstance(ctx.pristine, StateOnDisk):
+        ctx.pristine.remove()
     for tracker in trackers:
         tracker["final"](metrics)
     _build_report(run_dir)
@@ -865,11 +876,14 @@ def _forgetting(ctx: Context, model, progress) -> tuple[dict, torch.nn.Module]:
     """Retention of the original task and representation drift on the reference inputs; with
     `interpolate`, the WiSE-FT sweep and the exported weights at the chosen α."""
     recipe, ref = ctx.recipe, ctx.reference
-    pristine = copy.deepcopy(model)
-    pristine.load_state_dict({k: v for k, v in pristine_state(ctx).items() if k in pristine.state_dict()}, strict=False)
+    pristine = None  # the pre-trained model, rebuilt only for a reference set (the validation features are cached)
+    if not ref.on_validation:
+        pristine = copy.deepcopy(model)
+        pristine.load_state_dict({k: v for k, v in pristine_state(ctx).items() if k in pristine.state_dict()}, strict=False)
     before = ctx.features["validation"] if ref.on_validation else _features(ctx, pristine, ref.encoded)
     after = _features(ctx, model, ref.encoded)
     metric_before = _original_task_metric(ctx, before, pristine)
+    del pristine
     metric_after = _original_task_metric(ctx, after, model)
     retention = _retention(ctx, metric_before, metric_after)
     floor, cka_floor = recipe.guards.forgetting.floor, recipe.guards.forgetting.cka_floor

@@ -28,9 +28,12 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 from .errors import HonedError, RecipeError
+
+if TYPE_CHECKING:  # for annotations only: the functions that need torch import it themselves
+    import torch
 
 try:
     import uvicorn
@@ -121,7 +124,7 @@ def bucket_width(width: int, max_length: int) -> int:
     return max(width, min(-(-width // step) * step, max_length))
 
 
-def bucketed_logits(model, split, pad_id: int, max_length: int, precision: str, dev) -> "torch.Tensor":
+def bucketed_logits(model, split, pad_id: int, max_length: int, precision: str, dev) -> torch.Tensor:
     """tc.predict_logits, with every forward pass padded to a few fixed shapes (rows from
     ROW_BUCKETS, widths from bucket_width). On CPU, oneDNN builds (JIT-compiles) a kernel for
     every new matrix shape and keeps it: a server fed every batch size × length grows by

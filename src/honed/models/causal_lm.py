@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import RecipeError
-from .load import HONED_MODEL_FILE, ModelBundle, _check_hf_dir, _hf_tokenizer, _quiet_transformers, load_saved, reload_hf_dir, run_model_dir
+from .load import HONED_MODEL_FILE, ModelBundle, _hf_tokenizer, hf_config, _quiet_transformers, load_saved, reload_hf_dir, run_model_dir
 
 
 def _head_name(model: nn.Module) -> str:
@@ -44,14 +44,13 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
     """A Hugging Face causal LM by folder or Hub id, or an earlier honed chat run."""
     import pickle
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     trust = bool(recipe and recipe.trust_remote_code)
     allow_pickle = bool(recipe and recipe.allow_pickle)
     local = Path(source)
-    is_local = local.is_absolute() or local.exists()
-    if is_local and local.exists():
+    if local.exists():
         honed_dir = run_model_dir(local)
         if honed_dir is not None:
             bundle = load_saved(honed_dir)
@@ -60,13 +59,7 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
             if recipe is not None:
                 resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source)
             return bundle
-    if is_local:
-        _check_hf_dir(local, allow_pickle)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
-        raise RecipeError(f"model: '{source}' is neither a local checkpoint folder nor a reachable Hub id ({type(exc).__name__}: {first})") from None
+    config = hf_config(source, recipe, "a causal language model")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     remote = trust and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import RecipeError
-from .load import ModelBundle, _check_hf_dir, _quiet_transformers, load_saved, reload_hf_dir, run_model_dir
+from .load import ModelBundle, _quiet_transformers, hf_config, load_saved, reload_hf_dir, run_model_dir
 
 FAMILY = "ts-forecast"
 # model_type in config.json → the transformers class that forecasts with it
@@ -72,8 +72,6 @@ def _check_shape(model: nn.Module, source: str, channels: int, context_length: i
 
 def load_forecaster(source: str, recipe, channels: int) -> ModelBundle:
     """A checkpoint folder, a Hub id, or an earlier honed forecasting run."""
-    from transformers import AutoConfig
-
     _quiet_transformers()
     context_length, horizon = recipe.data.context_length, recipe.data.horizon
     path = Path(source)
@@ -86,13 +84,7 @@ def load_forecaster(source: str, recipe, channels: int) -> ModelBundle:
         return bundle
     if path.is_absolute() and not path.exists():
         raise RecipeError(f"model: {source} does not exist; give a PatchTST/PatchTSMixer checkpoint folder, a Hub id, a honed forecasting run or {{architecture: patchtst}}")
-    if path.is_absolute() or path.exists():
-        _check_hf_dir(path, recipe.allow_pickle)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise RecipeError(f"model: could not read a model config from {source} ({first}); give a PatchTST/PatchTSMixer checkpoint folder or Hub id") from None
+    config = hf_config(source, recipe, "a PatchTST/PatchTSMixer")
     if config.model_type not in MODEL_TYPES:
         raise RecipeError(f"model: {source} is a '{config.model_type}' model; forecasting fine-tunes {', '.join(MODEL_TYPES)} checkpoints")
     if getattr(config, "loss", "mse") != "mse":

@@ -240,32 +240,38 @@ def _hf_tokenizer(source: str, trust_remote_code: bool):
     return tokenizer
 
 
-def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
-    """Any checkpoint AutoModelForSequenceClassification can load, by folder or Hub id."""
-    import pickle
-
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def hf_config(source: str, recipe, kind: str):
+    """config.json of a checkpoint folder (after the folder's safety checks) or a Hub id, with
+    one-line errors; `kind` names what the task needs, e.g. "a sequence-classification"."""
+    from transformers import AutoConfig
 
     _quiet_transformers()
-    trust = bool(recipe and recipe.trust_remote_code)
-    allow_pickle = bool(recipe and recipe.allow_pickle)
     local = Path(source)
     is_local = local.is_absolute() or local.exists()
     if is_local:
-        _check_hf_dir(local, allow_pickle)
+        _check_hf_dir(local, bool(recipe and recipe.allow_pickle))
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        return AutoConfig.from_pretrained(source, trust_remote_code=bool(recipe and recipe.trust_remote_code))
     except Exception as exc:
         first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
         if "custom code" in str(exc) or "trust_remote_code" in str(exc):
             raise RecipeError(f"model: {source} ships its own code (config.json auto_map); honed runs it only when the recipe "
                               "sets trust_remote_code: true, for a source you trust") from None
         if is_local:
-            raise RecipeError(f"model: {local / 'config.json'} cannot be used ({first}); give a Hugging Face checkpoint folder") from None
-        raise RecipeError(
-            f"model: '{source}' is neither a local checkpoint folder nor a Hub id that could be reached "
-            f"({type(exc).__name__}: {first}); give a folder with config.json, 'wordllama', or a honed run directory"
-        ) from None
+            raise RecipeError(f"model: {local / 'config.json'} cannot be used ({first}); give {kind} checkpoint folder") from None
+        raise RecipeError(f"model: '{source}' is neither a local checkpoint folder nor a Hub id that could be reached "
+                          f"({type(exc).__name__}: {first}); give {kind} checkpoint folder or Hub id, or a honed run directory") from None
+
+
+def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
+    """Any checkpoint AutoModelForSequenceClassification can load, by folder or Hub id."""
+    import pickle
+
+    from transformers import AutoModelForSequenceClassification
+
+    trust = bool(recipe and recipe.trust_remote_code)
+    allow_pickle = bool(recipe and recipe.allow_pickle)
+    config = hf_config(source, recipe, "a sequence-classification (or 'wordllama')")
     if not _is_sequence_classifier(config, trust):
         raise RecipeError(
             f"model: {source} is a '{config.model_type}' model ({type(config).__name__}), which cannot be loaded as a sequence "
@@ -344,19 +350,15 @@ def reload_hf(model_dir: Path, meta: dict) -> ModelBundle:
 
 def load_hf_image(source: str, labels: list[str], recipe=None) -> ModelBundle:
     """Any checkpoint AutoModelForImageClassification can load, with its image processor."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    _quiet_transformers()
     trust = bool(recipe and recipe.trust_remote_code)
     allow_pickle = bool(recipe and recipe.allow_pickle)
-    local = Path(source)
-    if local.is_absolute() or local.exists():
-        _check_hf_dir(local, allow_pickle)
+    config = hf_config(source, recipe, "an image-classification")
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
         processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust)
     except Exception as exc:
-        raise RecipeError(f"model: could not load an image model config and processor from {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise RecipeError(f"model: could not load the image processor of {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}

@@ -12,7 +12,7 @@ from torch import nn
 from ..train.loop import Batches
 from ..train.precision import autocast
 from . import text_classification as tc
-from .tabular import head_inputs, shuffled_plan
+from .tabular import class_ids, head_inputs, shuffled_plan
 
 
 @dataclass
@@ -36,12 +36,7 @@ def encode(bundle, frame, labels, recipe) -> ImageSplit:
         with Image.open(path) as img:
             images.append(img.convert("RGB"))
     pixels = bundle.tokenizer(images=images, return_tensors="pt")["pixel_values"].float()
-    if labels is not None and "label" in frame:
-        index = {label: i for i, label in enumerate(labels)}
-        y = torch.tensor([index[v] for v in frame["label"]], dtype=torch.long)
-    else:
-        y = torch.full((len(frame),), -1)
-    return ImageSplit(pixels, y)
+    return ImageSplit(pixels, class_ids(frame, labels) if labels is not None else torch.full((len(frame),), -1))
 
 
 def subset(split: ImageSplit, idx: torch.Tensor) -> ImageSplit:

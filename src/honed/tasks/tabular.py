@@ -29,13 +29,20 @@ class TabularSplit:
         return torch.ones(len(self.labels), dtype=torch.long)
 
 
+def class_ids(frame, labels: list[str]) -> torch.Tensor:
+    """The frame's `label` column as class indices into `labels`; -1 for every row when it has none (prediction input)."""
+    if "label" not in frame:
+        return torch.full((len(frame),), -1)
+    index = {label: i for i, label in enumerate(labels)}
+    return torch.tensor([index[v] for v in frame["label"]], dtype=torch.long)
+
+
 def encode(bundle, frame, labels: list[str] | None) -> TabularSplit:
     x = bundle.preprocessor.transform(frame, "data")
     if labels is None:
         y = torch.tensor(frame["label"].astype(float).to_numpy(), dtype=torch.float32) if "label" in frame else torch.zeros(len(frame))
     else:
-        index = {label: i for i, label in enumerate(labels)}
-        y = torch.tensor([index[v] for v in frame["label"]], dtype=torch.long) if "label" in frame else torch.full((len(frame),), -1)
+        y = class_ids(frame, labels)
     return TabularSplit(x, y)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import TrainingInterrupted
+from ..errors import HonedError, TrainingInterrupted
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .precision import autocast, fit_threads
@@ -179,6 +179,14 @@ def train(
     group = cfg.group
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    def best_file():
+        """The best weights on disk: the latest checkpoint's best file, or its weights when it was saved at the best step."""
+        found = checkpointer.group_file(ckpt_name, "best") or checkpointer.group_file(ckpt_name, "weights")
+        if found is None:
+            raise HonedError(f"checkpoint: the best weights (step {s['best_step']}) are missing from {checkpointer.root}; "
+                             "another process may be writing to the same run directory; start the run again with --overwrite")
+        return found
+
     def save_checkpoint() -> None:
         if checkpointer is None:
             return
@@ -192,8 +200,7 @@ def train(
             tensors["best"] = best
         carry = {}
         if best_on_disk and s["best_step"] is not None and s["best_step"] != s["step"]:
-            # the best weights are the latest checkpoint's best file, or its weights when it was saved at the best step
-            carry["best"] = checkpointer.group_file(ckpt_name, "best") or checkpointer.group_file(ckpt_name, "weights")
+            carry["best"] = best_file()
         objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
         checkpointer.save(ckpt_name, s["step"], tensors, s, objects, carry)
 
@@ -225,9 +232,11 @@ def train(
                 s["batch"] += 1
                 if s["batch"] % cfg.grad_accumulation and s["batch"] < len(plan):
                     continue
+                stop = interrupted["set"]
                 if group is not None:
+                    # every process stops on the all-reduced flag alone: a signal landing after the all-reduce on one
+                    # process only is acted on at the next step, by all of them together
                     step_loss, stop = distributed.average_gradients(trainable, step_loss, interrupted["set"], group)
-                    interrupted["set"] = interrupted["set"] or stop
                 s["loss_sum"] += step_loss
                 step_loss = 0.0
                 if cfg.grad_clip:
@@ -267,7 +276,7 @@ def train(
                     if cfg.checkpoint_evaluations:
                         save_checkpoint()
                     interval_start = time.perf_counter()
-                if interrupted["set"]:
+                if stop:
                     s["train_seconds"] += time.perf_counter() - interval_start
                     save_checkpoint()
                     raise TrainingInterrupted("training interrupted; a checkpoint was saved")
@@ -282,7 +291,7 @@ def train(
         load_trainable(model, best)
     elif best_on_disk and s["best_step"] not in (None, s["step"]) and distributed.is_main():
         # (the other processes of a distributed run return their copy unused: rank 0 reports)
-        load_trainable_file(model, checkpointer.group_file(ckpt_name, "best") or checkpointer.group_file(ckpt_name, "weights"))
+        load_trainable_file(model, best_file())
     s["done"] = True
     save_checkpoint()
     return _outcome(s)
