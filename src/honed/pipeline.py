@@ -42,8 +42,9 @@ from .tasks import text_classification as tc
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
+from .train.allocator import release_free_memory
 from .train.precision import device as pick_device
-from .train.precision import release_free_memory, resolve_precision, set_threads
+from .train.precision import resolve_precision, set_threads
 from .train.progress import TrainingProgress, quiet
 
 TRAIN_EVAL_ROWS = 2000  # at most this many training rows are scored at each evaluation, for the train/validation gap

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import HonedError, TrainingInterrupted
 from . import distributed
+from .allocator import keep_freed_memory
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .precision import autocast, fit_threads
 
@@ -209,7 +210,7 @@ def train(
     model.train()
     interval_start = time.perf_counter()
     step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
-    with interrupt_flag() as interrupted:
+    with interrupt_flag() as interrupted, keep_freed_memory(cfg.device):
         while s["epoch"] < cfg.epochs and not s["stopped_early"]:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):

@@ -155,23 +155,3 @@ def _fit(force: bool) -> int:
     if wanted != torch.get_num_threads():
         torch.set_num_threads(wanted)
     return torch.get_num_threads()
-
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim).
-
-    Set-up runs the model over every split to cache features; glibc keeps the freed activation
-    buffers mapped, so without this they stay in the process's resident memory under the
-    training that follows. A no-op where glibc is not the allocator.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass

@@ -1,0 +1,56 @@
+"""keep_freed_memory: freed CPU tensors stay in the heap while a loop trains, and go back after."""
+
+import pytest
+import torch
+
+from honed.train import allocator
+
+pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc only")
+MB = 2**20
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / MB
+
+
+def _touch_and_free(size_mb: int) -> float:
+    """Resident memory after a `size_mb` tensor was written and freed, relative to before."""
+    before = _rss_mb()
+    block = torch.empty(size_mb * MB, dtype=torch.uint8)
+    block.fill_(1)
+    del block
+    return _rss_mb() - before
+
+
+def test_freed_blocks_kept_inside_and_returned_after():
+    allocator.release_free_memory()  # earlier tests' free heap pages: reusing them must show as growth
+    with allocator.keep_freed_memory(torch.device("cpu")):
+        start = _rss_mb()
+        assert _touch_and_free(96) > 80  # kept in the heap for the next step
+        # ... and reused by the next, shorter batches' buffers, not faulted in again beside it
+        assert max(_touch_and_free(size) for size in (80, 64, 48, 32)) < 16
+        held = _rss_mb() - start
+    assert held > 80
+    released = _rss_mb() - start
+    assert released < held - 80  # handed back when the block ended
+
+
+def test_not_on_gpus():
+    calls = []
+
+    class Spy:
+        def mallopt(self, *a):
+            calls.append(a)
+
+        def malloc_trim(self, *a):
+            calls.append(a)
+
+    real = allocator._glibc
+    allocator._glibc = lambda: Spy()
+    try:
+        with allocator.keep_freed_memory(torch.device("cuda")):
+            pass
+    finally:
+        allocator._glibc = real
+    assert calls == []
