@@ -721,6 +721,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
     task, primary, classify = ctx.task, ctx.task["primary"], ctx.task["kind"] == "classification"
     lm = task["kind"] == "lm"  # task: chat — no linear probe, majority class, confusion matrix or bias guard
     forecast = task["kind"] == "forecast"  # forecasting — the source model's own forecasts instead of a probe; seasonal naive
+    probe = None  # classification and regression: fitted after training, on the cached features, unless a head starts from it
     if lm:
         from .tasks import chat
 
@@ -729,14 +730,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         from .tasks import forecasting as fc
 
         probe = {"test": _evaluate(ctx, ctx.bundle.model, "test"), "validation": _evaluate(ctx, ctx.bundle.model, "validation")}
-    else:
-        probe_key = ("probe", features_key(recipe, ctx.precision))
-        probe = cache.get(probe_key) if cache is not None else None
-        if probe is None:
-            probe = task["probe"](ctx.features["train"], ctx.encoded["train"].labels, ctx.features["validation"],
-                                  ctx.encoded["validation"].labels, ctx.features["test"], ctx.encoded["test"].labels, seed)
-            if cache is not None:
-                cache[probe_key] = probe
+    elif "head" in METHODS[recipe.method]["stages"]:  # the head starts from the probe's fit
+        probe = _linear_probe(ctx, cache, seed)
     progress = TrainingProgress(enabled=show_progress)
 
     def on_history(records: list[dict]) -> None:
@@ -746,7 +741,7 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         if on_evaluation is not None and records:
             on_evaluation(records[-1])
 
-    ctx.extra["probe_head"] = None if (lm or forecast) else probe.get("head")
+    ctx.extra["probe_head"] = probe.get("head") if probe is not None and not (lm or forecast) else None
     ctx.extra["group"] = group  # only the main fine-tune is shared; seeds, curve and baseline run on rank 0 alone
     # the model trains in place, not beside a second copy; the pre-trained weights wait on disk when a guard needs them again
     ctx.pristine = (StateOnDisk.write(ctx.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors")
@@ -777,6 +772,8 @@ def _run(source, overrides, out, resume, overwrite, show_progress, on_evaluation
         _write_predictions(run_dir / "predictions.csv", splits.test, test_logits, ctx.bundle.labels if classify else None)
     model.to(ctx.device)
 
+    if probe is None and not lm:  # after training: scikit-learn stays out of the training's memory
+        probe = _linear_probe(ctx, cache, seed)
     seeds = {seed: test_metrics[primary]}
     for extra_seed in (recipe.train.seeds or [])[1:]:
         _say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
@@ -844,6 +841,19 @@ def _logits(ctx: Context, model, split) -> torch.Tensor:
 
 def _evaluate(ctx: Context, model, name: str) -> dict:
     return ctx.task["metrics"](_logits(ctx, model, ctx.encoded[name]), ctx.encoded[name].labels)
+
+
+def _linear_probe(ctx: Context, cache: dict | None, seed: int) -> dict:
+    """The task's linear probe on the cached pre-trained features (kept in `cache` across tune trials)."""
+    key = ("probe", features_key(ctx.recipe, ctx.precision))
+    probe = cache.get(key) if cache is not None else None
+    if probe is None:
+        f, enc = ctx.features, ctx.encoded
+        probe = ctx.task["probe"](f["train"], enc["train"].labels, f["validation"], enc["validation"].labels,
+                                  f["test"], enc["test"].labels, seed)
+        if cache is not None:
+            cache[key] = probe
+    return probe
 
 
 def _majority(ctx: Context) -> float:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 
 def carve(frame: pd.DataFrame, fraction: float, label: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
     """Split `fraction` of `frame` off; returns (rest, carved, stratified?)."""
+    from sklearn.model_selection import train_test_split  # imported when used: scikit-learn is ~50 MB resident
+
     counts = frame[label].value_counts()
     n_carved = max(1, int(round(len(frame) * fraction)))
     stratify = frame[label] if counts.min() >= 2 and n_carved >= len(counts) else None

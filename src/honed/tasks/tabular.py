@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 from torch import nn
 
 from ..train.loop import Batches
@@ -111,6 +110,8 @@ features = head_inputs(predict)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import roc_auc_score  # imported when first evaluated, not with honed
+
     out = tc.metrics_from_logits(logits, labels)
     probs = torch.softmax(logits, -1).numpy()
     y = labels.numpy()
@@ -125,6 +126,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    from sklearn.metrics import mean_absolute_error, r2_score
+
     p, y = pred.numpy().reshape(-1), target.numpy().reshape(-1)
     rmse = float(np.sqrt(np.mean((p - y) ** 2)))
     return {"loss": rmse**2, "rmse": rmse, "mae": float(mean_absolute_error(y, p)),
@@ -134,6 +137,7 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
 def ridge_probe(train_x, train_y, val_x, val_y, test_x, test_y, seed: int) -> dict:
     """Ridge regression on frozen features, alpha picked on validation: the regression linear probe."""
     from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x.numpy())

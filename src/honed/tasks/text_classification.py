@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from ..models.load import ModelBundle, logits_of
@@ -184,6 +183,8 @@ def predict_logits(model: nn.Module, split: EncodedSplit, pad_id: int, batch_siz
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score  # imported when first evaluated, not with honed
+
     preds = logits.argmax(-1).numpy()
     y = labels.numpy()
     return {
@@ -216,6 +217,7 @@ def extract_features(bundle: ModelBundle, model: nn.Module, split: EncodedSplit,
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x, val_y, test_x, test_y, seed: int) -> dict:
     """Logistic regression on frozen features; C picked on validation. What the backbone knew."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x.numpy())
