@@ -54,3 +54,29 @@ def test_not_on_gpus():
     finally:
         allocator._glibc = real
     assert calls == []
+
+
+def test_optimizer_state_allocated_up_front_changes_nothing():
+    """make_optimizer's early state (a step at lr 0 on zero gradients) leaves training bit-for-bit as it was."""
+    from honed.train.loop import LoopConfig, make_optimizer
+
+    def trained(early: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+        if early:
+            opt = make_optimizer(model, LoopConfig(stage="t", epochs=1, lr=1e-2))
+            assert all(s["exp_avg"].abs().sum() == 0 and float(s["step"]) == 0 for s in opt.state.values())
+        else:
+            decay = [p for p in model.parameters() if p.ndim >= 2]
+            no_decay = [p for p in model.parameters() if p.ndim < 2]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=1e-2, fused=True)
+        for step in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(trained(True), trained(False)):
+        assert torch.equal(a, b)

@@ -104,9 +104,37 @@ def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    allocate_state(optimizer)
+    return optimizer
+
+
+def allocate_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state now, before the first batch, instead of at its first step.
+
+    AdamW allocates its moments (twice the trainable weights) lazily, at the first step, in the
+    heap holes the first batch's activations just left; there they split the free memory that
+    later batches need, and the heap grows around them. A step at learning rate 0 with zero
+    gradients allocates them first and changes nothing: the weights stay bit-for-bit, the
+    moments stay zero, and the step count is reset.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        else:
+            state["step"] = 0
+    optimizer.zero_grad(set_to_none=True)
 
 
 def linear_schedule(optimizer, warmup: int, total: int):
