@@ -40,9 +40,9 @@ from .recipe import MLPSpec, Recipe, dump_recipe, load_recipe
 from .tasks import TASKS
 from .tasks import text_classification as tc
 from .train import distributed
+from .train.allocator import release_free_memory
 from .train.checkpoint import Checkpointer, StateOnDisk, write_json_atomic
 from .train.loop import LoopConfig, Outcome, train
-from .train.allocator import release_free_memory
 from .train.precision import device as pick_device
 from .train.precision import resolve_precision, set_threads
 from .train.progress import TrainingProgress, quiet
