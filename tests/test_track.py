@@ -45,8 +45,10 @@ def test_every_evaluation_and_the_guards_reach_tensorboard_and_mlflow(recipe_fac
     assert steps == [h["step"] for h in history]
     assert run.data.metrics["test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
     assert run.data.params["train.lr"] == "0.003" and run.data.params["method"] == "full"
+    levels = {"skipped": -1, "ok": 0, "warn": 1, "fail": 2}
     for name, guard in result.metrics["guards"].items():
         assert run.data.tags[f"guard.{name}"] == guard["status"]
+        assert run.data.metrics[f"guard.{name}"] == levels[guard["status"]]
     assert (tmp_path / "runs" / "mlflow.db").exists()  # the default store sits beside the runs
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 from .errors import RecipeError
 from .recipe import Recipe, dump_recipe
+from .train.checkpoint import write_json_atomic
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # tracker → module it needs
 TRACKING_FILE = "tracking.json"
@@ -59,9 +61,10 @@ def _final_numbers(metrics: dict) -> dict[str, float]:
     out = _numbers({"test": metrics.get("test", {}), "validation": metrics.get("validation", {}),
                     "timing": metrics.get("timing", {}), "pretrained": metrics.get("pretrained", {}),
                     "majority": metrics.get("majority", {})})
-    levels = {"ok": 0.0, "skipped": 0.0, "warn": 1.0, "fail": 2.0}  # a chartable verdict: 0 ok, 1 warn, 2 fail
+    levels = {"skipped": -1.0, "ok": 0.0, "warn": 1.0, "fail": 2.0}  # a chartable verdict; a skipped guard is not charted as ok
     for name, guard in metrics.get("guards", {}).items():
-        out[f"guard.{name}"] = levels.get(guard.get("status"), 0.0)
+        if guard.get("status") in levels:
+            out[f"guard.{name}"] = levels[guard["status"]]
     return out
 
 
@@ -101,7 +104,10 @@ def open_mlflow(recipe: Recipe, run_dir: Path) -> dict:
     experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(
         name, artifact_location=str(run_dir.parent / "mlartifacts"))
     saved = run_dir / TRACKING_FILE
-    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    try:
+        previous = json.loads(saved.read_text()) if saved.exists() else {}
+    except ValueError:  # unreadable: log to a new MLflow run rather than fail the resume
+        previous = {}
     run_id = previous.get("mlflow_run_id")
     if run_id is not None and previous.get("tracking_uri") == uri:
         client.update_run(run_id, status="RUNNING")  # --resume: the same MLflow run continues
@@ -110,16 +116,18 @@ def open_mlflow(recipe: Recipe, run_dir: Path) -> dict:
                                 tags={"honed.run_dir": str(run_dir), "honed.task": recipe.task, "honed.method": recipe.method})
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in _flat_params(recipe).items()])
-        saved.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri, "experiment": name}))
+        write_json_atomic(saved, {"mlflow_run_id": run_id, "tracking_uri": uri, "experiment": name})
 
     def evaluation(record: dict) -> None:
         step = int(record["step"])
         stage = record.get("stage", "model")
         values = {k if stage == "model" else f"{stage}.{k}": v for k, v in _numbers(record).items() if k not in ("step", "epoch")}
-        client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, v in values.items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
     def final(metrics: dict) -> None:
-        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in _final_numbers(metrics).items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _final_numbers(metrics).items()])
         for guard_name, guard in metrics.get("guards", {}).items():
             client.set_tag(run_id, f"guard.{guard_name}", guard["status"])
             client.set_tag(run_id, f"guard.{guard_name}.summary", guard["summary"][:4000])

@@ -98,11 +98,11 @@ def average_gradients(params: list[torch.nn.Parameter], loss_sum: float, interru
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
         offset += n
-    for i, p in enumerate(params):
-        if flat[offset + i] == 0:
+    tail = flat[offset:].tolist()  # one read of the small tail, not a tensor comparison per parameter
+    for p, anywhere in zip(params, tail):
+        if anywhere == 0:
             p.grad = None
-    tail = offset + len(params)
-    return float(flat[tail]), bool(flat[tail + 1] > 0)
+    return tail[len(params)], tail[len(params) + 1] > 0
 
 
 def broadcast(value, group: Group | None):

@@ -28,7 +28,9 @@ def device() -> torch.device:
     """The GPU when there is one (this process's own under torchrun / accelerate launch), else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .distributed import launched_world
+
+    if launched_world() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cuda")
 
