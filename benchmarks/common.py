@@ -176,32 +176,23 @@ def rss_mb() -> float:
         return float("nan")
 
 
-def record_rss_at_train_start(into: dict) -> None:
-    """Wrap honed's training loop so `into` gets the resident memory when training starts."""
-    import honed.pipeline as pipeline
+def training_hooks(into: dict):
+    """A `honed.hooks.Hooks` for `honed.run(..., hooks=...)` that fills `into` with the resident
+    memory when training starts (`rss_at_train_start_mb`: at the first stage's `on_train_start`,
+    which the loop calls before building the optimizer, where Trainer's figure is read too) and
+    the intra-op thread counts honed's loop trained with, step by step (`threads_per_step`:
+    count → steps)."""
+    from honed.hooks import Hooks
 
-    original = pipeline.train
-
-    def wrapped(*a, **k):
-        into.setdefault("rss_at_train_start_mb", rss_mb())
-        return original(*a, **k)
-
-    pipeline.train = wrapped
-
-
-def record_threads(into: dict) -> None:
-    """Count the intra-op thread counts honed's loop trained with, step by step (fit_threads)."""
-    import honed.train.loop as loop
-
-    original = loop.fit_threads
     counts = into.setdefault("threads_per_step", {})
 
-    def wrapped(*a, **k):
-        n = original(*a, **k)
-        counts[str(n)] = counts.get(str(n), 0) + 1
-        return n
+    def on_train_start(stage: str) -> None:
+        into.setdefault("rss_at_train_start_mb", rss_mb())
 
-    loop.fit_threads = wrapped
+    def on_threads(n: int) -> None:
+        counts[str(n)] = counts.get(str(n), 0) + 1
+
+    return Hooks(on_train_start=on_train_start, on_threads=on_threads)
 
 
 def trainer_args(out: str, batch_size: int, epochs: int, lr: float, steps: int, bf16: bool, grouped: bool, seed: int):

@@ -46,27 +46,10 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         if name == "honed-head":
             import honed
-            from honed.tasks import text_classification as tc
+            from honed.hooks import Hooks
 
-            calls = []  # (rows, seconds) for every feature extraction
-            original = tc.extract_features
-
-            def timed(bundle, model, split, *a, **k):
-                start = time.perf_counter()
-                out = original(bundle, model, split, *a, **k)
-                calls.append((len(split), time.perf_counter() - start))
-                return out
-
-            tc.extract_features = timed
-            try:  # the pipeline may reach the function through its task table
-                from honed.tasks import TASKS
-
-                for row in TASKS.values():
-                    for key, value in list(row.items()):
-                        if value is original:
-                            row[key] = timed
-            except ImportError:
-                pass
+            calls = []  # (rows, seconds) for every pass computing the head's input features
+            hooks = Hooks(on_features=lambda rows, seconds: calls.append((rows, seconds)))
             recipe = {
                 "model": assets["model"],
                 "data": {"train": assets["train"], "validation": assets["validation"], "test": assets["test"], "max_length": assets["max_length"]},
@@ -76,7 +59,7 @@ def child(args) -> None:
                 "out": str(Path(tmp) / "run"),
             }
             start = time.perf_counter()
-            result = honed.run(recipe, show_progress=False)
+            result = honed.run(recipe, show_progress=False, hooks=hooks)
             wall = time.perf_counter() - start
             head_seconds = result.metrics["timing"]["train_seconds"]
             train_features = calls[0][1]  # setup extracts train, validation, test in that order

@@ -58,8 +58,9 @@ def profile_child(args, assets: dict) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import honed.train.loop as loop
+    from honed.data.batching import batch_plan
     from honed.models.load import load_hf
-    from honed.tasks import text_classification as tc
+    from honed.tasks.text import model as text_model
     from honed.train.precision import resolve_precision, set_threads
 
     import pandas as pd
@@ -68,14 +69,14 @@ def profile_child(args, assets: dict) -> None:
     torch.manual_seed(args.seed)
     bundle = load_hf(assets["model"], common.LABELS)
     frame = pd.read_csv(assets["train"])
-    split = tc.encode(bundle, frame["text"].tolist(), frame["label"].tolist(), assets["max_length"])
-    plan = tc.batch_plan(split.lengths, args.batch_size, args.seed, 0, True)
+    split = text_model.encode(bundle, frame["text"].tolist(), frame["label"].tolist(), assets["max_length"])
+    plan = batch_plan(split.lengths, args.batch_size, args.seed, 0, True)
     precision = resolve_precision("auto")
 
     def run(batches_: list[list[int]]):
-        batches = loop.Batches(size=sum(map(len, batches_)), plan=lambda epoch: batches_, collate=lambda idx: tc.collate(split, idx, bundle.pad_id))
+        batches = loop.Batches(size=sum(map(len, batches_)), plan=lambda epoch: batches_, collate=lambda idx: text_model.collate(split, idx, bundle.pad_id))
         cfg = loop.LoopConfig(stage="profile", epochs=1, lr=args.lr, eval_every=10**9, patience=None, precision=precision)
-        return loop.train(bundle.model, batches, tc.classification_loss, lambda m: {"val_accuracy": 0.0}, cfg)
+        return loop.train(bundle.model, batches, text_model.classification_loss, lambda m: {"val_accuracy": 0.0}, cfg)
 
     run(plan[:2])  # warm-up
     steps = plan[2 : 2 + args.profile_steps]
@@ -104,10 +105,8 @@ def child(args) -> None:
             if name == "honed-pinned":
                 recipe["train"]["threads"] = common.machine()["cores"]  # no fitting to the machine's load
             extra = {}
-            common.record_rss_at_train_start(extra)
-            common.record_threads(extra)
             start = time.perf_counter()
-            result = honed.run(recipe, show_progress=False)
+            result = honed.run(recipe, show_progress=False, hooks=common.training_hooks(extra))
             wall = time.perf_counter() - start
             timing = result.metrics["timing"]
             history = [h for h in common.honed_history(result.run_dir) if h["stage"] == "model"]

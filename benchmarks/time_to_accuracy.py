@@ -46,39 +46,40 @@ def recipe(data: Path, args, out: str) -> dict:
     }
 
 
+def accuracy_clock(curve: list):
+    """Hooks that append (training seconds, val_accuracy) to `curve` at each evaluation of the
+    main fine-tune (stage "model"). The clock starts at the first batch's collate; each
+    evaluation, and the pause after it until the next batch is collated (its checkpoint), is
+    excluded."""
+    from honed.hooks import Hooks
+
+    clock = {"stage": None, "start": None, "paused": None, "excluded": 0.0}
+
+    def on_train_start(stage: str) -> None:  # each stage is timed on its own clock
+        clock.update(stage=stage, start=None, paused=None, excluded=0.0)
+
+    def on_collate() -> None:
+        now = time.perf_counter()
+        if clock["start"] is None:
+            clock["start"] = now
+        if clock["paused"] is not None:  # the first batch after an evaluation (and its checkpoint)
+            clock["excluded"] += now - clock["paused"]
+            clock["paused"] = None
+
+    def on_evaluated(started: float, metrics: dict) -> None:
+        if clock["stage"] == "model":
+            curve.append((started - clock["start"] - clock["excluded"], metrics["val_accuracy"]))
+        clock["paused"] = started
+
+    return Hooks(on_train_start=on_train_start, on_collate=on_collate, on_evaluated=on_evaluated)
+
+
 def honed_child(args, data: Path, tmp: str) -> dict:
-    """honed.run, with its loop's `evaluate` timed: training seconds at each evaluation."""
+    """honed.run, observed through its hooks: training seconds at each evaluation."""
     import honed
-    import honed.pipeline as pipeline
 
     curve = []
-    original_train = pipeline.train
-
-    def timed_train(model, batches, loss_fn, evaluate, cfg, *a, **k):
-        clock = {"start": None, "paused": None, "excluded": 0.0}
-        collate = batches.collate
-
-        def timed_collate(indices):
-            now = time.perf_counter()
-            if clock["start"] is None:
-                clock["start"] = now
-            if clock["paused"] is not None:  # the first batch after an evaluation (and its checkpoint)
-                clock["excluded"] += now - clock["paused"]
-                clock["paused"] = None
-            return collate(indices)
-
-        def timed_evaluate(m):
-            now = time.perf_counter()
-            out = evaluate(m)
-            curve.append((now - clock["start"] - clock["excluded"], out["val_accuracy"]))
-            clock["paused"] = now
-            return out
-
-        batches = type(batches)(size=batches.size, plan=batches.plan, collate=timed_collate)
-        return original_train(model, batches, loss_fn, timed_evaluate, cfg, *a, **k)
-
-    pipeline.train = timed_train
-    result = honed.run(recipe(data, args, str(Path(tmp) / "run")), show_progress=False)
+    result = honed.run(recipe(data, args, str(Path(tmp) / "run")), show_progress=False, hooks=accuracy_clock(curve))
     history = [h for h in common.honed_history(result.run_dir) if h["stage"] == "model"]
     # each record's train_loss is the mean since the previous evaluation; Trainer reports the mean over all steps
     steps = [h["step"] - (history[i - 1]["step"] if i else 0) for i, h in enumerate(history)]
@@ -94,8 +95,9 @@ def trainer_child(args, data: Path, tmp: str) -> dict:
     from torch import nn
     from transformers import Trainer, TrainerCallback
 
+    from honed.auto import resolve_auto
     from honed.models.load import load_wordllama
-    from honed.pipeline import prepare, resolve_auto
+    from honed.session import prepare
     from honed.train.precision import cpu_has_fast_bf16
 
     rec, splits = prepare(recipe(data, args, str(Path(tmp) / "unused")))

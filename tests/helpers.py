@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -33,15 +34,23 @@ def make_texts(n: int, seed: int, signal: float = 1.0) -> pd.DataFrame:
 
 
 def build_tiny_bert(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A tiny BERT (2 layers, width 32) with a fixed WordPiece vocabulary, saved with save_pretrained.
+
+    The vocabulary is written out, not trained: the WordPiece trainer of `tokenizers` gives another
+    vocabulary in every process (it iterates Rust hash maps with a per-process random state), so
+    the golden runs (tests/golden) would see other token ids each time. Here the vocabulary is the
+    special tokens, every word of the generated sentences, and the letters with their ##
+    continuations, in a fixed order."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    corpus = make_texts(400, seed=123)["text"].tolist()
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    # "a" is a word and a letter: listed once, so the ids run 0..n-1 without a gap
+    tokens = list(dict.fromkeys(special + sorted(set(POSITIVE + NEGATIVE + NEUTRAL)) + letters + ["##" + c for c in letters]))
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
@@ -72,7 +81,8 @@ def write_recipe(folder: Path, model, train_csv: Path, **changes) -> Path:
         "model": str(model),
         "data": {"train": str(train_csv), "text": "text", "label": "label", "max_length": 32},
         "method": "full",
-        "train": {"epochs": 6, "lr": 3e-3, "batch_size": 16, "seed": 0, "precision": "fp32", "eval_every": 5, "patience": None},
+        "train": {"epochs": 6, "lr": 3e-3, "batch_size": 16, "seed": 0, "precision": "fp32", "eval_every": 5, "patience": None,
+                  "threads": 1},  # one thread: the same sums on a busy machine as on a quiet one
         "out": str(folder / "run"),
     }
     return write_recipe_file(folder, recipe, changes)
@@ -102,3 +112,48 @@ def cli(argv, capsys) -> tuple[int, str, str]:
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def build_tiny_vit(folder: Path) -> Path:
+    """A ViT of width 32, 2 layers, 32×32 images, seeded."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def stripes(folder: Path, n_per_class: int, seed: int) -> Path:
+    """Image folders of two classes: horizontal vs vertical stripes, with noise."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for label in ("horizontal", "vertical"):
+        (folder / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = Image.new("RGB", (32, 32))
+            period = rng.choice([4, 6, 8])
+            for y in range(32):
+                for x in range(32):
+                    on = ((y if label == "horizontal" else x) // (period // 2)) % 2
+                    v = 200 * on + rng.randint(0, 55)
+                    img.putpixel((x, y), (v, v, v))
+            img.save(folder / label / f"{i}.png")
+    return folder
+
+
+def make_series(names, length: int = 60, seed: int = 0, start: str = "2018-01-01") -> pd.DataFrame:
+    """Monthly series, level + trend + yearly cycle + noise."""
+    rng = np.random.default_rng(seed)
+    times = pd.date_range(start, periods=length, freq="MS")
+    rows = []
+    for i, name in enumerate(names):
+        t = np.arange(length)
+        y = rng.uniform(50, 150) + 0.3 * t + rng.uniform(5, 20) * np.sin(2 * np.pi * t / 12 + i) + rng.normal(0, 1.0, length)
+        rows += [{"series": name, "time": d.strftime("%Y-%m-%d"), "target": round(float(v), 3)} for d, v in zip(times, y)]
+    return pd.DataFrame(rows)

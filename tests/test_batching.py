@@ -2,7 +2,7 @@
 
 import torch
 
-from honed.tasks.text_classification import batch_plan
+from honed.data.batching import batch_plan
 
 
 def _lengths(n: int, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import yaml
 from chat_helpers import build_tiny_llama, build_tokenizer, conversation, write_chat_recipe, write_conversations, write_general
 from helpers import cli
 from honed.errors import DataError
-from honed.tasks import chat
+from honed.tasks.chat import model as chat
 
 
 @pytest.fixture(scope="module")

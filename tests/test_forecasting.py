@@ -11,22 +11,10 @@ import pytest
 import torch
 
 import honed
-from helpers import cli
-from honed.data.forecasting import load_forecast_splits, mase_scale, seasonal_naive
+from helpers import cli, make_series
+from honed.tasks.forecasting.data import load_forecast_splits, mase_scale, seasonal_naive
 from honed.recipe import load_recipe
-from honed.tasks import forecasting as fc
-
-
-def make_series(names, length: int = 60, seed: int = 0, start: str = "2018-01-01") -> pd.DataFrame:
-    """Monthly series: level + trend + a yearly cycle + noise, one phase per series."""
-    rng = np.random.default_rng(seed)
-    times = pd.date_range(start, periods=length, freq="MS")
-    rows = []
-    for i, name in enumerate(names):
-        t = np.arange(length)
-        y = rng.uniform(50, 150) + 0.3 * t + rng.uniform(5, 20) * np.sin(2 * np.pi * t / 12 + i) + rng.normal(0, 1.0, length)
-        rows += [{"series": name, "time": d.strftime("%Y-%m-%d"), "target": round(float(v), 3)} for d, v in zip(times, y)]
-    return pd.DataFrame(rows)
+from honed.tasks.forecasting import model as fc
 
 
 def spec(folder, file="train.csv", **extra) -> dict:
@@ -72,8 +60,8 @@ def test_metrics_and_seasonal_naive_by_hand():
     assert seasonal_naive(history, 6, 4).tolist() == [5, 6, 7, 8, 5, 6]
     assert mase_scale(history, 4) == 4.0  # every value is 4 above the one a season earlier
     actual = torch.tensor([[10.0, 20.0]])
-    labels = torch.cat([actual, torch.tensor([[2.0]])], 1)  # the MASE scale rides in the last column
-    m = fc.metrics(torch.tensor([[12.0, 16.0]]), labels)
+    split = fc.ForecastSplit(torch.zeros(1, 8, 1), actual, torch.tensor([2.0]), torch.zeros(1, 2))  # MASE scale 2
+    m = fc.metrics(torch.tensor([[12.0, 16.0]]), split)
     assert m["mae"] == pytest.approx(3.0) and m["rmse"] == pytest.approx(np.sqrt(10))
     assert m["mase"] == pytest.approx(1.5) and m["neg_mase"] == pytest.approx(-1.5)
     assert m["smape"] == pytest.approx(np.mean([200 * 2 / 22, 200 * 4 / 36]))

@@ -3,44 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from PIL import Image
 
 import honed
+from helpers import build_tiny_vit, stripes
 from honed.cli import main
-
-
-def build_tiny_vit(folder):
-    from transformers import ViTConfig, ViTForImageClassification
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    import torch
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-def stripes(folder, n_per_class: int, seed: int):
-    """Two classes anyone can tell apart: horizontal vs vertical stripes, with noise."""
-    rng = random.Random(seed)
-    for label in ("horizontal", "vertical"):
-        (folder / label).mkdir(parents=True)
-        for i in range(n_per_class):
-            img = Image.new("RGB", (32, 32))
-            period = rng.choice([4, 6, 8])
-            for y in range(32):
-                for x in range(32):
-                    on = ((y if label == "horizontal" else x) // (period // 2)) % 2
-                    v = 200 * on + rng.randint(0, 55)
-                    img.putpixel((x, y), (v, v, v))
-            img.save(folder / label / f"{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

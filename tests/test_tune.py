@@ -121,7 +121,7 @@ def test_bad_arguments_exit_2_before_any_training(recipe_factory, tmp_path, caps
 # --------------------------------------------------------------------------- the search space (no training)
 
 def _resolved(recipe, family="hf", n_train=200):
-    from honed.pipeline import resolve_auto
+    from honed.auto import resolve_auto
 
     return resolve_auto(recipe.model_copy(deep=True), family, n_train)
 
@@ -141,7 +141,7 @@ def test_default_space_per_method(recipe_factory, method, lr_key, expected):
 
 
 def test_space_for_wordllama_freeze_l2sp_and_replay(recipe_factory, tmp_path):
-    from honed.pipeline import AUTO_LR
+    from honed.auto import AUTO_LR
 
     recipe = load_recipe(recipe_factory(method="full", **{"train.lr": "auto", "l2sp": {"alpha": 0.01}}))
     space = default_space(recipe, _resolved(recipe, "wordllama"), "wordllama", depth=0)

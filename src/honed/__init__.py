@@ -14,14 +14,14 @@ __all__ = ["run", "check", "predict", "load_recipe", "Recipe", "HonedError", "Re
 
 def run(recipe, overrides=None, **kwargs):
     """Fine-tune as `recipe` (a path, a dict or a Recipe) says; returns a RunResult (run_dir, metrics)."""
-    from .pipeline import run as _run
+    from .runner import run as run_honed
 
-    return _run(recipe, overrides, **kwargs)
+    return run_honed(recipe, overrides, **kwargs)
 
 
 def check(recipe, overrides=None) -> dict:
     """Validate the recipe and audit its data without training; returns the audit."""
-    from .pipeline import check_audit, prepare
+    from .session import check_audit, prepare
 
     resolved, splits = prepare(recipe, overrides)
     return check_audit(resolved, splits)
@@ -29,6 +29,6 @@ def check(recipe, overrides=None) -> dict:
 
 def predict(run_dir, input_path):
     """Predictions (a DataFrame) for a CSV/JSONL/Parquet file from a finished run."""
-    from .inference import predict as _predict
+    from .inference import predict as predict_file
 
-    return _predict(run_dir, input_path)
+    return predict_file(run_dir, input_path)

@@ -1,4 +1,4 @@
-"""The command line. It parses arguments, calls the pipeline and prints; nothing else."""
+"""The command line. It parses arguments, calls the run (honed.runner) and prints; nothing else."""
 
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
         table.add_row(name, f"[{style}]{guard['status']}[/{style}]", guard["summary"])
     out_console.print(table)
     test = metrics["test"].get(primary)
-    probe = metrics.get("pretrained", {}).get(primary)
+    pretrained = metrics.get("pretrained", {})
+    probe = pretrained.get(primary)
     majority = metrics.get("majority", {}).get(primary)
     line = f"test {primary}: [bold]{test:.4f}[/bold]"
     if probe is not None:
-        what = {"chat": "pre-trained model", "forecasting": "before fine-tuning"}.get(metrics.get("task"), "linear probe (pre-trained)")
-        line += f"   {what}: {probe:.4f}"
+        line += f"   {pretrained.get('method', 'before fine-tuning')}: {probe:.4f}"
     if majority is not None:
         line += f"   majority class: {majority:.4f}"
     naive = metrics.get("seasonal_naive", {}).get(primary)
@@ -69,12 +69,12 @@ def run(
 
     Under torchrun or accelerate launch (torchrun --nproc_per_node 4 -m honed run recipe.yaml) the processes train data-parallel and rank 0 writes the run directory.
     """
-    from .pipeline import run as run_pipeline
+    from .runner import run as run_honed
 
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite: choose one (--resume continues the run, --overwrite deletes it and starts again)")
     try:
-        result = run_pipeline(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
+        result = run_honed(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
     except TrainingInterrupted:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says it
             target = f" --out {out}" if out else ""
@@ -92,7 +92,7 @@ def check(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key, e.g. -s data.label=stars."),
 ):
     """Validate the recipe and audit the data, without loading a model or training."""
-    from .pipeline import check_audit, prepare
+    from .session import check_audit, prepare
 
     resolved, splits = prepare(str(recipe), set_)
     audit = check_audit(resolved, splits)
@@ -137,7 +137,7 @@ def curve(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures as JSON to this file."),
 ):
     """Learning curve: fine-tune on growing fractions of the data and say whether more data would pay."""
-    from .pipeline import curve as run_curve
+    from .runner import curve as run_curve
 
     if out is not None and out.exists():
         raise RecipeError(f"--out: {out} already exists; choose another file")
@@ -185,8 +185,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: all cores but one)."),
 ):
     """Serve a finished run over HTTP: GET /health, GET /v1/models, POST /v1/predict."""
-    from .serve import Limits
-    from .serve import serve as run_server
+    from .serve.app import serve as run_server
+    from .serve.limits import Limits
 
     limits = Limits(max_body_bytes=max_body, max_inputs=max_inputs, max_text_chars=max_text)
     run_server(run_dir, host=host, port=port, token=token, limits=limits, threads=threads,
@@ -232,13 +232,13 @@ def demo(
 ):
     """Fine-tune WordLlama (real pre-trained weights) to tell Android from iPhone tweets (real data), offline."""
     from .demo import demo_recipe, free_run_dir
-    from .pipeline import run as run_pipeline
+    from .runner import run as run_honed
 
     data_dir = out.with_name(out.name + "-data")
     recipe = demo_recipe(data_dir)
     run_dir = free_run_dir(out)
     out_console.print(f"demo: {recipe}  →  {run_dir}")
-    result = run_pipeline(str(recipe), [], out=run_dir)
+    result = run_honed(str(recipe), [], out=run_dir)
     print_verdict(result.metrics, result.run_dir)
 
 

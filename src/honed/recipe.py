@@ -7,6 +7,7 @@ and the resolved recipe is written to RUN_DIR/recipe.yaml.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -15,9 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecipeError
-
-TASKS = ("text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat")
-METHOD_NAMES = ("full", "head", "freeze", "lora", "lp-ft")
 
 
 class Strict(BaseModel):
@@ -247,7 +245,7 @@ def _did_you_mean(where: str) -> str:
     return f"; did you mean {'.'.join([*section, close[0]])}?" if close else ""
 
 
-def _validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     """Turn pydantic's report into one line naming the key, what was expected and what was found."""
     by_key: dict[str, list[dict]] = {}
     for err in exc.errors():
@@ -376,10 +374,22 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_validation_message(exc)) from None
+        raise RecipeError(validation_message(exc)) from None
     return resolve_paths(recipe, base)
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default filled in."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def main_seed(recipe: Recipe) -> int:
+    """The seed of the run's own fine-tune: the first of train.seeds when several are given."""
+    return recipe.train.seeds[0] if recipe.train.seeds else recipe.train.seed
+
+
+def features_key(recipe: Recipe, precision: str) -> str:
+    """What the encoded splits and the pre-trained features depend on; none of it is a training hyperparameter."""
+    model = recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(mode="json")
+    return json.dumps({"task": recipe.task, "model": model, "data": recipe.data.model_dump(mode="json"),
+                       "seed": main_seed(recipe), "precision": precision}, sort_keys=True)

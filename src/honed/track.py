@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 from .recipe import Recipe, dump_recipe
-from .train.checkpoint import write_json_atomic
+from .fileio import write_json_atomic
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # tracker → module it needs
 TRACKING_FILE = "tracking.json"

@@ -343,12 +343,12 @@ def test_run_agrees_with_check(name, tmp_path, tiny_bert, request, capsys, monke
 def test_data_is_checked_before_the_model_loads(tmp_path, tiny_bert, capsys, monkeypatch):
     """100k distinct labels fail as bad data without a model ever being loaded."""
     import honed.models.load
-    import honed.pipeline
+    import honed.tasks.text.task
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was validated")
 
-    for module in (honed.pipeline, honed.models.load):
+    for module in (honed.tasks.text.task, honed.models.load):
         if hasattr(module, "load_pretrained"):
             monkeypatch.setattr(module, "load_pretrained", no_model)
     monkeypatch.chdir(tmp_path)

@@ -25,6 +25,7 @@ import signal
 import pytest
 import torch
 
+import honed.fileio as fileio
 import honed.models.load as model_load
 import honed.train.checkpoint as ckpt_mod
 from honed.cli import main
@@ -77,7 +78,7 @@ def the_error_line(err: str) -> str:
 @pytest.fixture
 def no_fault(monkeypatch):
     monkeypatch.delenv("HONED_FAULT", raising=False)
-    monkeypatch.setattr(ckpt_mod, "_FAULT_HITS", {})
+    monkeypatch.setattr(fileio, "_FAULT_HITS", {})
     return monkeypatch
 
 
@@ -96,7 +97,7 @@ INJECTIONS = {
     "EIO after the rename, before the pointer": ("env", "checkpoint-commit:EIO", "Input/output error"),
     "real failure in safetensors": ("patch", "save_file", "File too large"),
     "real failure in torch.save": ("patch", "torch.save", "RuntimeError"),
-    "real failure writing the pointer": ("patch", "_write_json_atomic", "File too large"),
+    "real failure writing the pointer": ("patch", "write_atomic", "File too large"),
 }
 
 
@@ -121,7 +122,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(how, tmp_path, no_fault)
     assert "--resume" in message
 
     no_fault.undo()
-    no_fault.setattr(ckpt_mod, "_FAULT_HITS", {})
+    no_fault.setattr(fileio, "_FAULT_HITS", {})
     assert ckpt.latest_name("model") == first
     assert sorted(p.name for p in ckpt.root.iterdir()) == [first, "model.LATEST"], "no partial or orphan folder is left"
     tensors, state, _ = ckpt.load("model")

@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 from honed.errors import RecipeError
 from honed.report import build_report
 from honed.report.charts import format_tick, line_chart, nice_ticks, scatter_chart
-from honed.report.report import GUARDS
+from honed.report.verdict import GUARDS
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIL = '<script>alert("x")</script>'
@@ -44,6 +45,7 @@ def full_metrics() -> dict:
     return {
         "task": "text-classification",
         "primary_metric": "accuracy",
+        "lower_is_better": ["loss"],
         "test": {"accuracy": 0.88, "f1_macro": 0.861, "loss": 0.31},
         "validation": {"accuracy": 0.87, "f1_macro": 0.85},
         "pretrained": {"accuracy": 0.56, "f1_macro": 0.41},
@@ -261,7 +263,7 @@ def test_learning_curve_fit_on_fractions_and_lower_is_better(tmp_path: Path):
     fr = [0.1, 0.2, 0.4, 1.0]
     a, b, c = 0.5, 0.5, 1.0
     metrics = {
-        "task": "tabular-regression", "primary_metric": "rmse",
+        "task": "tabular-regression", "primary_metric": "rmse", "lower_is_better": ["loss", "rmse", "mae"],
         "guards": {"data": {"status": "ok", "summary": "fine", "details": {
             "fractions": fr, "scores": [a * f**-b + c for f in fr], "n": 1000, "fit": {"a": a, "b": b, "c": c},
             "expected_at_2x": None, "expected_at_5x": None}}},
@@ -270,6 +272,70 @@ def test_learning_curve_fit_on_fractions_and_lower_is_better(tmp_path: Path):
     html = build_report(tmp_path).read_text(encoding="utf-8")
     assert "fit: err, err = a·n^(−b) + c" in html
     assert "2×: 1.3536 (fit)" in html  # 0.5·2^-0.5 + 1
+
+
+def direction_run(tmp_path: Path, **extra) -> str:
+    """A report whose headline and per-group tables each hold one delta per metric: rmse and
+    widgets both fell after fine-tuning, r2 rose. Returns the HTML."""
+    metrics = {
+        "task": "tabular-regression", "primary_metric": "r2",
+        "test": {"r2": 0.8, "rmse": 1.0, "widgets": 3.0},
+        "pretrained": {"r2": 0.5, "rmse": 2.0, "widgets": 5.0},
+        "guards": {"bias": {"status": "ok", "summary": "s", "details": {
+            "groups": {"region": {"north": {"count": 10, "rmse": 1.0, "widgets": 3.0}}},
+            "before": {"region": {"north": {"count": 10, "rmse": 2.0, "widgets": 5.0}}}}}},
+        **extra,
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    html = build_report(tmp_path).read_text(encoding="utf-8")
+    assert "render-error" not in html.replace(".render-error", "")
+    return html
+
+
+def delta_classes(html: str, table: str, row: str) -> list[str]:
+    """The delta-good / delta-bad classes of one row's cells, in order, in the first table that
+    starts at (or after) the first occurrence of `table` in the page."""
+    start = html.index(table)
+    body = html[start:html.index("</table>", start)]
+    cells = re.search(rf'<tr(?: class="primary")?><td>{re.escape(row)}(?: \(primary\))?</td>(.*?)</tr>', body, re.S).group(1)
+    return re.findall(r"delta-(good|bad)", cells)
+
+
+def test_lower_is_better_is_read_from_metrics_json_not_guessed_from_the_name(tmp_path: Path):
+    # rmse listed: its fall is good; widgets (a name nothing could guess) listed: its fall is good
+    html = direction_run(tmp_path / "listed", lower_is_better=["rmse", "widgets"])
+    assert delta_classes(html, '<table class="headline">', "rmse") == ["good"]
+    assert delta_classes(html, '<table class="headline">', "widgets") == ["good"]
+    assert delta_classes(html, '<table class="headline">', "r2") == ["good"]  # r2 rose, never listed
+    assert delta_classes(html, "<h3>By region</h3>", "north") == ["good", "good"]
+    # the same metrics not listed: higher is better, so the same falls are bad, whatever the name
+    html = direction_run(tmp_path / "unlisted", lower_is_better=[])
+    assert delta_classes(html, '<table class="headline">', "rmse") == ["bad"]
+    assert delta_classes(html, '<table class="headline">', "widgets") == ["bad"]
+    assert delta_classes(html, "<h3>By region</h3>", "north") == ["bad", "bad"]
+    assert delta_classes(html, '<table class="headline">', "r2") == ["good"]
+
+
+def test_lower_is_better_falls_back_to_the_tasks_declared_set(tmp_path: Path, monkeypatch):
+    # the report reads `TASKS[task].lower_is_better` from honed.tasks; a stand-in module keeps this
+    # test on the report's side of that contract (and off torch, which the real one imports)
+    tasks = ModuleType("honed.tasks")
+    tasks.TASKS = {"test-task": SimpleNamespace(lower_is_better=frozenset({"widgets"}))}
+    monkeypatch.setitem(sys.modules, "honed.tasks", tasks)
+    # a metrics.json written before the key existed: the task's own set decides
+    html = direction_run(tmp_path / "declared", task="test-task")
+    assert delta_classes(html, '<table class="headline">', "widgets") == ["good"]
+    assert delta_classes(html, '<table class="headline">', "rmse") == ["bad"]
+    # the run's own list wins over the task's set
+    html = direction_run(tmp_path / "own-list", task="test-task", lower_is_better=["rmse"])
+    assert delta_classes(html, '<table class="headline">', "widgets") == ["bad"]
+    assert delta_classes(html, '<table class="headline">', "rmse") == ["good"]
+    # a task honed does not know, or none named: nothing is lower-is-better
+    for name, extra in (("unknown", {"task": "no-such-task"}), ("no-task", {"task": None})):
+        html = direction_run(tmp_path / name, **extra)
+        assert delta_classes(html, '<table class="headline">', "rmse") == ["bad"], name
+        assert delta_classes(html, '<table class="headline">', "widgets") == ["bad"], name
 
 
 def test_nice_ticks():

@@ -271,7 +271,7 @@ def test_cli_reports_a_taken_port(served_run, server, capsys):
 # --------------------------------------------------------------------------- in-process: the app and the batcher
 
 def fake_served(predict):
-    from honed.serve import Served
+    from honed.serve.loaders import Served
 
     return Served(model_id="fake", task="text-classification", labels=["a", "b"], input_column="review text",
                   created=0, predict=predict)
@@ -284,7 +284,8 @@ def echo(texts):
 def test_app_without_token_is_open_and_uses_the_runs_column():
     from fastapi.testclient import TestClient
 
-    from honed.serve import Limits, create_app
+    from honed.serve.app import create_app
+    from honed.serve.limits import Limits
 
     app = create_app(fake_served(echo), token=None, limits=Limits(max_inputs=2, max_text_chars=5, max_body_bytes=200))
     with TestClient(app) as client:
@@ -299,7 +300,7 @@ def test_app_without_token_is_open_and_uses_the_runs_column():
 def test_inference_failure_is_a_500_without_details():
     from fastapi.testclient import TestClient
 
-    from honed.serve import create_app
+    from honed.serve.app import create_app
 
     def broken(texts):
         raise RuntimeError("CUDA out of memory at /secret/path/model.safetensors")
@@ -314,7 +315,8 @@ def test_inference_failure_is_a_500_without_details():
 def test_overload_is_a_503():
     from fastapi.testclient import TestClient
 
-    from honed.serve import Limits, create_app
+    from honed.serve.app import create_app
+    from honed.serve.limits import Limits
 
     with TestClient(create_app(fake_served(echo), limits=Limits(max_pending_texts=3))) as client:
         response = client.post("/v1/predict", json={"inputs": [{"review text": "x"}] * 4})
@@ -322,7 +324,7 @@ def test_overload_is_a_503():
 
 
 def test_batcher_groups_requests_that_arrive_together():
-    from honed.serve import MicroBatcher
+    from honed.serve.batching import MicroBatcher
 
     calls = []
 
@@ -348,7 +350,7 @@ def test_batcher_groups_requests_that_arrive_together():
 
 
 def test_batcher_skips_requests_whose_client_left():
-    from honed.serve import MicroBatcher
+    from honed.serve.batching import MicroBatcher
 
     seen = []
 
@@ -374,7 +376,7 @@ def test_batcher_skips_requests_whose_client_left():
 
 def test_forward_shapes_are_bounded():
     """Every (rows, width) the server runs comes from a small set, and never exceeds max_length."""
-    from honed.serve import CHUNK, bucket_rows, bucket_width
+    from honed.serve.loaders import CHUNK, bucket_rows, bucket_width
 
     for max_length in (32, 100, 128, 512):
         widths = {bucket_width(w, max_length) for w in range(1, max_length + 1)}

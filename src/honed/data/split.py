@@ -14,3 +14,10 @@ def carve(frame: pd.DataFrame, fraction: float, label: str, seed: int) -> tuple[
     stratify = frame[label] if counts.min() >= 2 and n_carved >= len(counts) else None
     rest, carved = train_test_split(frame, test_size=n_carved, random_state=seed, shuffle=True, stratify=stratify)
     return rest.reset_index(drop=True), carved.reset_index(drop=True), stratify is not None
+
+
+def label_to_str(value) -> str:
+    """Labels are kept as strings; 1.0 read from a Parquet float column becomes '1'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()

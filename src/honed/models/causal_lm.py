@@ -3,16 +3,22 @@ its tokenizer and a chat template (the tokenizer's own, or `data.chat_template` 
 
 The bundle's "head" is `lm_head`; `labels` is empty. Saved in the save_pretrained layout
 (safetensors) with the tokenizer, whose chat template travels with it.
+
+transformers is imported inside the functions that use it (seconds to import; see hf.py).
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import RecipeError
-from .load import HONED_MODEL_FILE, ModelBundle, _hf_tokenizer, hf_config, _quiet_transformers, load_saved, reload_hf_dir, run_model_dir
+from .bundle import HONED_MODEL_FILE, ModelBundle, read_model_meta, run_model_dir
+from .hf import hf_config, hf_tokenizer, quiet_transformers, reload_hf_dir
+
+FAMILY = "causal-lm"
 
 
 def _head_name(model: nn.Module) -> str:
@@ -42,20 +48,19 @@ def resolve_chat_template(tokenizer, template: str | None, base_dir: str | None,
 
 def load_causal_lm(source: str, recipe=None) -> ModelBundle:
     """A Hugging Face causal LM by folder or Hub id, or an earlier honed chat run."""
-    import pickle
-
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     trust = bool(recipe and recipe.trust_remote_code)
     allow_pickle = bool(recipe and recipe.allow_pickle)
     local = Path(source)
     if local.exists():
         honed_dir = run_model_dir(local)
         if honed_dir is not None:
-            bundle = load_saved(honed_dir)
-            if bundle.family != "causal-lm":
-                raise RecipeError(f"model: {source} is a {bundle.family} run; task chat needs a causal language model")
+            meta = read_model_meta(honed_dir)
+            if meta["family"] != FAMILY:
+                raise RecipeError(f"model: {source} is a {meta['family']} run; task chat needs a causal language model")
+            bundle = reload_causal_lm(honed_dir, meta)
             if recipe is not None:
                 resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source)
             return bundle
@@ -66,7 +71,7 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
     if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise RecipeError(f"model: {source} is a '{config.model_type}' model, which cannot be loaded as a causal language model; "
                           "task chat needs a decoder such as Llama, Qwen or GPT-2")
-    tokenizer = _hf_tokenizer(source, trust)
+    tokenizer = hf_tokenizer(source, trust)
     resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust,
@@ -83,7 +88,7 @@ def _bundle(model, tokenizer, source: str) -> ModelBundle:
     def encode(texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
-    return ModelBundle("causal-lm", model, encode, tokenizer.pad_token_id, _head_name(model), [], source, tokenizer)
+    return ModelBundle(FAMILY, model, encode, tokenizer.pad_token_id, _head_name(model), [], source, tokenizer)
 
 
 def reload_causal_lm(model_dir: Path, meta: dict) -> ModelBundle:

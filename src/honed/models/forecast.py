@@ -4,16 +4,20 @@ recipe, a checkpoint folder or Hub id), or an earlier honed forecasting run.
 The head is the final linear projection (`head.projection` / `head.base_forecast_block`): the
 head-only method trains it, LoRA leaves it out, and its input (pooled over patches) is the
 feature vector the forgetting guard compares.
+
+transformers is imported inside the functions that use it (seconds to import; see hf.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import RecipeError
-from .load import ModelBundle, _quiet_transformers, hf_config, load_saved, reload_hf_dir, run_model_dir
+from .bundle import ModelBundle, read_model_meta, run_model_dir
+from .hf import hf_config, quiet_transformers, reload_hf_dir
 
 FAMILY = "ts-forecast"
 # model_type in config.json → the transformers class that forecasts with it
@@ -41,7 +45,7 @@ def build_forecaster(spec, channels: int, context_length: int, horizon: int) -> 
     """A randomly initialised PatchTST / PatchTSMixer sized by the recipe."""
     import transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     patch = max(2, context_length // 8) if spec.patch_length == "auto" else int(spec.patch_length)
     if patch > context_length:
         raise RecipeError(f"model.patch_length: {patch} is longer than data.context_length {context_length}; choose at most {context_length}")
@@ -72,14 +76,15 @@ def _check_shape(model: nn.Module, source: str, channels: int, context_length: i
 
 def load_forecaster(source: str, recipe, channels: int) -> ModelBundle:
     """A checkpoint folder, a Hub id, or an earlier honed forecasting run."""
-    _quiet_transformers()
+    quiet_transformers()
     context_length, horizon = recipe.data.context_length, recipe.data.horizon
     path = Path(source)
     model_dir = run_model_dir(path) if path.exists() else None
     if model_dir is not None:
-        bundle = load_saved(model_dir)
-        if bundle.family != FAMILY:
-            raise RecipeError(f"model: {source} is a {bundle.family} run; forecasting needs a forecasting run, a PatchTST/PatchTSMixer checkpoint or {{architecture: patchtst}}")
+        meta = read_model_meta(model_dir)
+        if meta["family"] != FAMILY:
+            raise RecipeError(f"model: {source} is a {meta['family']} run; forecasting needs a forecasting run, a PatchTST/PatchTSMixer checkpoint or {{architecture: patchtst}}")
+        bundle = reload_forecaster(model_dir, meta)
         _check_shape(bundle.model, source, channels, context_length, horizon)
         return bundle
     if path.is_absolute() and not path.exists():
@@ -100,8 +105,6 @@ def load_forecaster(source: str, recipe, channels: int) -> ModelBundle:
 
 def reload_forecaster(model_dir: Path, meta: dict) -> ModelBundle:
     """RUN_DIR/model of a forecasting run (save_pretrained layout, no tokenizer)."""
-    import json
-
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type") if (model_dir / "config.json").exists() else None
     if model_type not in MODEL_TYPES:
         raise RecipeError(f"model: {model_dir}/config.json is not a PatchTST/PatchTSMixer config (model_type {model_type!r})")

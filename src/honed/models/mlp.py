@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..data.preprocess import Preprocessor
 from ..errors import RecipeError
+from ..fileio import write_safetensors_atomic
+from .bundle import ModelBundle
+
+FAMILY = "mlp"
 
 
 class TabularMLP(nn.Module):
@@ -40,19 +45,14 @@ def build_mlp(spec, in_dim: int, out_dim: int, regression: bool) -> TabularMLP:
     return TabularMLP(in_dim, spec.hidden, spec.layers, out_dim, spec.dropout, regression)
 
 
-def save_mlp(bundle, model: TabularMLP, out: Path) -> dict:
-    from .load import atomic_save_safetensors
-
+def save_mlp(bundle: ModelBundle, model: TabularMLP, out: Path) -> dict:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_save_safetensors(state, out / "model.safetensors")
+    write_safetensors_atomic(state, out / "model.safetensors")
     (out / "preprocess.json").write_text(json.dumps(bundle.preprocessor.to_json(), indent=2))
     return dict(model.config)
 
 
-def reload_mlp(model_dir: Path, meta: dict):
-    from ..data.tabular import Preprocessor
-    from .load import ModelBundle
-
+def reload_mlp(model_dir: Path, meta: dict) -> ModelBundle:
     try:
         pre = Preprocessor.from_json(json.loads((model_dir / "preprocess.json").read_text()))
     except (OSError, KeyError, json.JSONDecodeError) as exc:
@@ -64,6 +64,15 @@ def reload_mlp(model_dir: Path, meta: dict):
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     except Exception as exc:
         raise RecipeError(f"model: {model_dir}/model.safetensors does not match honed.json ({str(exc).splitlines()[0][:160]})") from None
-    bundle = ModelBundle("mlp", model, None, 0, "classifier", labels or [], str(model_dir))
+    bundle = ModelBundle(FAMILY, model, None, 0, "classifier", labels or [], str(model_dir))
     bundle.preprocessor = pre
     return bundle
+
+
+def scratch_mlp(model: TabularMLP) -> TabularMLP:
+    """The same architecture with fresh weights, keeping the target scaling (regression)."""
+    cfg = model.config
+    fresh = TabularMLP(cfg["in_dim"], cfg["hidden"], cfg["layers"], model.classifier.out_features, cfg["dropout"], cfg["regression"])
+    fresh.target_mean.copy_(model.target_mean)
+    fresh.target_std.copy_(model.target_std)
+    return fresh

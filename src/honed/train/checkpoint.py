@@ -7,7 +7,6 @@ either the old pointer and old folder, or the new ones: never a partial checkpoi
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -23,47 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import HonedError
+from ..fileio import fault, free_space, fsync_dir, fsync_file, write_advice, write_atomic, write_error_reason, write_failure, write_safetensors_atomic
 
 POINTER = "LATEST"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
-    try:
-        _write_json_atomic(path, payload)
-    except OSError as exc:
-        reason = write_error_reason(exc)
-        raise HonedError(f"could not write {path} ({reason}; {_free_space(path.parent)}); {write_advice(reason)}") from None
 
 
 def rng_state() -> dict:
@@ -82,75 +43,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault(point: str) -> None:
-    """Test hook for the reliability tests; does nothing unless HONED_FAULT is set.
-
-    HONED_FAULT=<point>:<action>[:after=N][,<point>:<action>...], where action is sleep=S (a
-    window for a kill) or ENOSPC / EIO / EDQUOT (raise that OSError, as a full or failing disk
-    would). after=N lets the first N passes through the point go by. Points: checkpoint-write
-    (weights written, the rest of the checkpoint not yet), checkpoint-commit (the checkpoint
-    folder renamed into place, the pointer not yet moved to it), model-write (RUN_DIR/model's
-    files written into its temporary folder, not yet renamed into place).
-    """
-    spec = os.environ.get("HONED_FAULT", "")
-    if not spec:
-        return
-    for item in spec.split(","):
-        name, *args = item.strip().split(":")
-        if name != point:
-            continue
-        options = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
-        hits = _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
-        if hits <= int(options.get("after", 0)):
-            continue
-        if "sleep" in options:
-            time.sleep(float(options["sleep"]))
-        for code_name in ("ENOSPC", "EIO", "EDQUOT"):
-            if code_name in options:
-                code = getattr(errno, code_name)
-                raise OSError(code, os.strerror(code))
-
-
-_fault = fault  # the name older tests and callers use
-
-
-def write_error_reason(exc: BaseException) -> str | None:
-    """What went wrong, in words, when `exc` is a failed write; None when it is something else.
-
-    The writers fail in their own ways on a full disk: open/write raise OSError, safetensors a
-    SafetensorError naming "(os error 28)", torch.save a RuntimeError from its zip writer
-    ("unexpected pos ..."), which names no cause at all.
-    """
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
-    text = str(exc)
-    found = re.search(r"os error (\d+)", text)
-    if found:
-        return os.strerror(int(found.group(1)))
-    if type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "inline_container" in text):
-        first = text.splitlines()[0][:160] if text else type(exc).__name__
-        return f"{type(exc).__name__}: {first}"
-    return None
-
-
-def write_advice(reason: str | None) -> str:
-    """What to do about a failed write, for the end of its error message."""
-    if reason in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)):
-        return "free disk space and resume with --resume"
-    return "fix the cause (disk space, permissions, the disk itself) and resume with --resume"
-
-
-def _free_space(path: Path) -> str:
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return "free space unknown"
-    return f"{free / 2**20:.0f} MB free there" if free < 2**30 else f"{free / 2**30:.1f} GB free there"
 
 
 class Checkpointer:
@@ -191,26 +83,26 @@ class Checkpointer:
             for group, group_tensors in tensors.items():
                 path = tmp / f"{group}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in group_tensors.items()}, str(path))
-                _fsync_file(path)
+                fsync_file(path)
             for group, source in (carry or {}).items():
                 path = tmp / f"{group}.safetensors"
                 try:
                     os.link(source, path)
                 except OSError:
                     shutil.copyfile(source, path)
-                    _fsync_file(path)
+                    fsync_file(path)
             fault("checkpoint-write")
             torch.save(objects, tmp / "state.pt")
-            _fsync_file(tmp / "state.pt")
+            fsync_file(tmp / "state.pt")
             with open(tmp / "state.json", "w") as fh:
                 json.dump(state, fh, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             fault("checkpoint-commit")
-            _write_json_atomic(self._pointer(stage), {"name": name})
+            write_atomic(self._pointer(stage), json.dumps({"name": name}, indent=2))
         except Exception as exc:
             reason = write_error_reason(exc)
             if reason is None:
@@ -220,7 +112,7 @@ class Checkpointer:
                 shutil.rmtree(final, ignore_errors=True)
             kept = f"the previous checkpoint ({previous}) is intact" if previous else "no earlier checkpoint was written"
             raise HonedError(
-                f"checkpoint: could not write {final} ({reason}; {_free_space(self.root)}); {kept}; {write_advice(reason)}"
+                f"checkpoint: could not write {final} ({reason}; {free_space(self.root)}); {kept}; {write_advice(reason)}"
             ) from None
         self._sweep(stage, keep=name)
         return final
@@ -302,18 +194,13 @@ class StateOnDisk(Mapping):
             else:
                 first_by_storage[where] = key
                 stored[key] = tensor.detach().contiguous().cpu()
-        tmp = path.with_name(path.name + ".partial")
         try:
-            save_file(stored, str(tmp))
             # written out now, not by the kernel's writeback in the middle of the training that follows
-            _fsync_file(tmp)
-            os.replace(tmp, path)
+            write_safetensors_atomic(stored, path)
         except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            reason = write_error_reason(exc)
-            if reason is None:
+            if write_error_reason(exc) is None:
                 raise
-            raise HonedError(f"could not write {path} ({reason}; {_free_space(path.parent)}); {write_advice(reason)}") from None
+            raise HonedError(write_failure(path, exc)) from None
         return cls(path, aliases, list(state))
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import RecipeError
+
 
 @dataclass
 class Group:
@@ -48,8 +50,6 @@ SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed
 
 def join() -> Group | None:
     """Join the launcher's process group; None when there is only one process."""
-    from ..errors import RecipeError
-
     for variable, name in SHARDED.items():
         if os.environ.get(variable, "").lower() in ("1", "true"):
             raise RecipeError(f"accelerate launch: {name} was requested by the Accelerate config, but honed trains data-parallel "

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import HonedError, TrainingInterrupted
+from ..hooks import Hooks
 from . import distributed
 from .allocator import keep_freed_memory
 from .checkpoint import Checkpointer, rng_state, set_rng_state
@@ -93,6 +94,19 @@ def load_trainable_file(model: nn.Module, path) -> None:
     with safe_open(str(path), framework="pt") as fh, torch.no_grad():
         for name in fh.keys():
             params[name].copy_(fh.get_tensor(name))
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers saved with the model (running statistics, counters), by name."""
+    saved = set(model.state_dict())
+    return {n: b.detach() for n, b in model.named_buffers() if n in saved}
+
+
+def load_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in state.items():
+            buffers[name].copy_(value)
 
 
 def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
@@ -177,8 +191,12 @@ def train(
     progress=None,
     regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
     on_evaluation: Callable[[list[dict]], None] | None = None,
+    hooks: Hooks | None = None,
 ) -> Outcome:
     """Train `model` in place and leave it holding the best weights seen at an evaluation."""
+    hooks = hooks or Hooks()
+    if hooks.on_train_start is not None:  # before the optimizer's state exists, as Trainer's figure is read
+        hooks.on_train_start(cfg.stage)
     optimizer = make_optimizer(model, cfg)
     per_epoch = math.ceil(len(batches.plan(0)) / cfg.grad_accumulation)
     total = per_epoch * cfg.epochs
@@ -192,8 +210,9 @@ def train(
     # a copy of every trainable weight is the largest thing honed would otherwise add to training
     best_on_disk = checkpointer is not None and cfg.checkpoint_evaluations
     if checkpointer is not None and checkpointer.exists(ckpt_name):
-        tensors, saved, objects = checkpointer.load(ckpt_name, ("weights",) if best_on_disk else None)
+        tensors, saved, objects = checkpointer.load(ckpt_name, ("weights", "buffers") if best_on_disk else None)
         load_trainable(model, tensors["weights"])
+        load_buffers(model, tensors.get("buffers", {}))
         best = tensors.get("best")
         optimizer.load_state_dict(objects["optimizer"])
         scheduler.load_state_dict(objects["scheduler"])
@@ -225,6 +244,9 @@ def train(
             return
         # the live weights: the checkpointer writes them out as they are, no copy needed
         tensors = {"weights": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
+        buffers = persistent_buffers(model)
+        if buffers:  # batch norms' running statistics change while training: a resumed run must start from them too
+            tensors["buffers"] = buffers
         if best is not None:
             tensors["best"] = best
         carry = {}
@@ -242,12 +264,16 @@ def train(
         while s["epoch"] < cfg.epochs and not s["stopped_early"]:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
-                fit_threads(cfg.precision, cfg.device)
+                threads = fit_threads(cfg.precision, cfg.device)
+                if hooks.on_threads is not None:
+                    hooks.on_threads(threads)
                 indices = plan[s["batch"]]
                 mine = distributed.shard(indices, group)
                 # each process weighs its loss by its share of the batch: the summed gradients are the batch mean's
                 share = len(mine) / len(indices)
                 if mine:
+                    if hooks.on_collate is not None:
+                        hooks.on_collate()
                     batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(mine).items()}
                     with autocast(cfg.precision, cfg.device):
                         loss = loss_fn(model, batch)
@@ -284,7 +310,10 @@ def train(
                               "train_loss": s["loss_sum"] / max(1, s["loss_count"]), "lr": scheduler.get_last_lr()[0],
                               "samples_per_s": s["interval_samples"] / max(elapsed, 1e-9)}
                     # rank 0 evaluates; every process takes the same best-weights and stopping decisions
+                    evaluation_started = time.perf_counter()
                     metrics = distributed.broadcast(evaluate(model) if distributed.is_main() else None, group)
+                    if hooks.on_evaluated is not None:
+                        hooks.on_evaluated(evaluation_started, metrics)
                     model.train()
                     record.update(metrics)
                     s["loss_sum"], s["loss_count"], s["interval_samples"] = 0.0, 0, 0

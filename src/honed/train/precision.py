@@ -11,6 +11,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import RecipeError
+from .distributed import launched_world
 
 
 @lru_cache(maxsize=1)
@@ -28,8 +29,6 @@ def device() -> torch.device:
     """The GPU when there is one (this process's own under torchrun / accelerate launch), else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    from .distributed import launched_world
-
     if launched_world() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cuda")

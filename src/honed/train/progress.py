@@ -58,3 +58,9 @@ class TrainingProgress:
 
 def quiet() -> TrainingProgress:
     return TrainingProgress(Console(file=sys.stderr), enabled=False)
+
+
+def say(enabled: bool, text: str) -> None:
+    """One dim line on stderr for a phase that takes a while (a seed, a learning-curve point, a baseline)."""
+    if enabled:
+        Console(stderr=True, soft_wrap=True).print(f"[dim]{text}[/dim]")

@@ -1,0 +1,47 @@
+"""`auto` values: learning rate, batch size, epochs and evaluation interval per model family,
+method and data size (design.md §4 "Expertise"; the rules and their sources: docs/auto.md)."""
+
+from __future__ import annotations
+
+import math
+
+from .recipe import Recipe
+
+AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
+    ("hf", "full"): 3e-5, ("hf", "freeze"): 5e-5, ("hf", "lora"): 2e-4, ("hf", "lp-ft"): 2e-5,
+    # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
+    ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
+    ("hf-image", "full"): 5e-5, ("hf-image", "freeze"): 5e-5, ("hf-image", "lora"): 2e-4, ("hf-image", "lp-ft"): 3e-5,
+    # small tabular MLPs: Adam's usual 1e-3
+    ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
+    # causal LMs (task: chat): instruction-tuning defaults
+    ("causal-lm", "full"): 2e-5, ("causal-lm", "freeze"): 3e-5, ("causal-lm", "lora"): 2e-4,
+    # small PatchTST/PatchTSMixer forecasters (tens of thousands of weights): Adam's usual 1e-3
+    ("ts-forecast", "full"): 3e-3, ("ts-forecast", "freeze"): 3e-3, ("ts-forecast", "lora"): 1e-2, ("ts-forecast", "lp-ft"): 1e-3,
+}
+AUTO_HEAD_LR = 1e-2  # on standardised features
+FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
+
+
+def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
+    """Fill every `auto` with its value for this model family, method and data size."""
+    t = recipe.train
+    if t.lr == "auto":
+        t.lr = AUTO_HEAD_LR if recipe.method == "head" else AUTO_LR[(family, recipe.method)]
+    if t.head_lr == "auto":
+        t.head_lr = AUTO_HEAD_LR
+    if t.batch_size == "auto":
+        t.batch_size = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}.get(family, 16)
+    per_epoch = math.ceil(n_train / t.batch_size / t.grad_accumulation)
+    if t.epochs == "auto" and family == "ts-forecast":
+        # a small forecaster trained from few windows needs a few hundred steps whatever the data size
+        t.epochs = min(200, max(10, math.ceil(FORECAST_STEPS / per_epoch)))
+    elif t.epochs == "auto":
+        # small data needs more passes; early stopping ends runs that stop improving
+        t.epochs = 10 if n_train < 2000 else 5 if n_train < 20000 else 3
+    if t.eval_every == "auto" and family == "ts-forecast":
+        # about 20 evaluations per run: a handful of windows per epoch would otherwise stop early in the warm-up
+        t.eval_every = max(per_epoch, per_epoch * t.epochs // 20)
+    elif t.eval_every == "auto":
+        t.eval_every = max(1, per_epoch // 2)
+    return recipe

@@ -1,0 +1,268 @@
+"""The run: recipe → data → model → fine-tune → evaluate → guards → run directory.
+
+`honed run` and `honed.run()` both call `run()`. This module only sequences named stages; what
+differs between tasks is a field of the task's row (tasks/base.py), the fine-tune is a FineTuner
+(finetune.py), the run directory's rules are in rundir.py, and the guards' measurements in
+checks/ and guards/. Read `run_stages` top to bottom: that is a whole run.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import track
+from .checks.curve import data_guard, learning_curve
+from .errors import TrainingInterrupted
+from .fileio import write_json_atomic
+from .finetune import FineTuner, needs_pristine_again
+from .guards import data_curve
+from .guards.bias import group_representation
+from .guards.status import skipped
+from .hooks import Hooks
+from .methods import METHODS
+from .models.load import save_model
+from .recipe import Recipe, main_seed
+from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_recipe
+from .session import Session, prepare, setup
+from .train import distributed
+from .train.checkpoint import Checkpointer, StateOnDisk
+from .train.precision import set_threads
+from .train.progress import TrainingProgress, quiet, say
+
+
+@dataclass
+class RunResult:
+    """What `honed.run` returns: the run directory and the contents of metrics.json."""
+
+    run_dir: Path
+    metrics: dict
+
+    def __getitem__(self, key):
+        return self.metrics[key]
+
+
+@dataclass
+class Trained:
+    """The main fine-tune's result, as the guards and outputs read it."""
+
+    model: object
+    outcomes: list
+    history: list[dict]
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(o.train_seconds for o in self.outcomes)
+
+
+def run(source, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
+        overwrite: bool = False, show_progress: bool = True, on_evaluation=None, cache: dict | None = None,
+        hooks: Hooks | None = None) -> RunResult:
+    """Fine-tune as the recipe says, measure the guards, and write the run directory.
+
+    on_evaluation(record) is called after every evaluation (honed tune feeds its pruner from it;
+    an exception raised there, such as optuna.TrialPruned, stops the run). hooks observe the
+    run's phases (benchmarks); cache keeps encoded splits and features between runs (tune).
+
+    Started by `torchrun` or `accelerate launch`, every process runs this function: they share
+    the main fine-tune (train/distributed.py); rank 0 alone writes the run directory and measures
+    the guards, and the other processes return a RunResult with empty metrics once training ends.
+    """
+    started = time.time()
+    group = distributed.join()
+    trackers: list[dict] = []  # opened once the run directory exists; closed here however the run ends
+    status = "FAILED"
+    try:
+        result = run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks or Hooks(),
+                            started, group, trackers)
+        status = "FINISHED"
+        # the helper processes wait for rank 0's guards: gloo aborts a process that leaves the group while a peer is still in it
+        distributed.barrier(group)
+        return result
+    except (TrainingInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        track.close_trackers(trackers, status)
+        distributed.leave()
+
+
+def run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks: Hooks,
+               started: float, group, trackers: list) -> RunResult:
+    main = group is None or group.main
+    show_progress = show_progress and main
+    recipe, splits = prepare(source, overrides)
+    run_dir = resolve_run_dir(recipe, source, out)
+    check_run_dir(run_dir, resume, overwrite)  # before anything is loaded: refuse what would lose work
+    threads = set_threads(recipe.train.threads)
+    session = setup(recipe, splits, cache, hooks)
+    audit = run_audit(session)
+    if main:
+        open_run_dir(run_dir, recipe, audit, resume, overwrite)
+    distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
+    if main:
+        trackers.extend(track.open_trackers(recipe, run_dir))
+
+    seed = main_seed(recipe)
+    task = session.task
+    early = task.before_needs_untouched_model or (task.probe is not None and "head" in METHODS[recipe.method]["stages"])
+    before = task.before(session, cache) if early else None  # otherwise after training, out of the training's memory
+    tuner = FineTuner(session, pristine_on_disk(session, run_dir, main), before.get("head") if before else None)
+    trained = fine_tune_in_place(session, tuner, run_dir, seed, show_progress, on_evaluation, trackers, group, hooks)
+    if not main:
+        return RunResult(run_dir, {})
+    write_history(run_dir, trained.history)
+
+    forgetting, model = task.forgetting(session, tuner, trained.model, before)  # may export WiSE-FT weights
+    val_metrics = session.evaluate(model, "validation")
+    test_outputs = session.outputs(model, session.encoded["test"])  # the test split is touched once, here
+    test_metrics = task.metrics(test_outputs, session.encoded["test"])
+    write_model(session, model, run_dir, test_outputs)
+    if before is None:
+        before = task.before(session, cache)
+    seeds = seed_spread(session, tuner, seed, test_metrics, show_progress)
+    guards = {
+        "overfitting": task.overfitting(session, trained.history, trained.outcomes[-1].best_step, test_outputs,
+                                        seeds if len(seeds) > 1 else None),
+        "forgetting": forgetting,
+        "data": data_guard(session, tuner, trained.history, show_progress),
+        "bias": task.bias(session, test_outputs, before) if task.bias else skipped("the bias guard covers classification tasks in this version"),
+        "baseline": task.baseline(session, tuner, test_metrics, before, trained.train_seconds, show_progress),
+    }
+    metrics = assemble_metrics(session, model, trained, before, test_outputs, test_metrics, val_metrics, seeds, guards,
+                               run_dir, started, threads)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    if isinstance(tuner.pristine, StateOnDisk):
+        tuner.pristine.remove()
+    for tracker in trackers:
+        tracker["final"](metrics)
+    build_report(run_dir)
+    return RunResult(run_dir, metrics)
+
+
+# --------------------------------------------------------------------------- stages
+
+def resolve_run_dir(recipe: Recipe, source, out) -> Path:
+    """--out wins over the recipe's `out`; the absolute path is written back as the resolved `out`."""
+    if out is not None:
+        recipe.out = str(Path(out).resolve())
+    run_dir = default_run_dir(recipe, source).resolve()
+    recipe.out = str(run_dir)
+    return run_dir
+
+
+def run_audit(session: Session) -> dict:
+    """The task's audit with the model's view (tokens, truncation), plus group representation."""
+    recipe, splits = session.recipe, session.splits
+    audit = session.task.audit(recipe, splits, session.bundle, session.encoded)
+    if recipe.data.groups:
+        audit["groups"] = group_representation(splits.train, recipe.data.groups, "label", recipe.guards.min_group_size)
+    return audit
+
+
+def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool) -> None:
+    prepare_run_dir(run_dir, resume, overwrite)
+    write_recipe(run_dir, recipe, resume)
+    write_json_atomic(run_dir / "audit.json", audit)
+
+
+def pristine_on_disk(session: Session, run_dir: Path, main: bool):
+    """The model trains in place, not beside a second copy; the pre-trained weights wait on disk when a guard reads them again."""
+    if main and needs_pristine_again(session.recipe):
+        return StateOnDisk.write(session.bundle.model.state_dict(), run_dir / "checkpoints" / "pristine.safetensors")
+    return {}
+
+
+def fine_tune_in_place(session: Session, tuner: FineTuner, run_dir: Path, seed: int, show_progress: bool,
+                       on_evaluation, trackers: list, group, hooks: Hooks) -> Trained:
+    """The run's own fine-tune, checkpointed, shared by every process of a distributed run."""
+
+    def on_history(records: list[dict]) -> None:
+        write_history(run_dir, records)
+        for tracker in trackers:
+            tracker["evaluation"](records[-1])
+        if on_evaluation is not None and records:
+            on_evaluation(records[-1])
+
+    model, outcomes, history = tuner.fine_tune(seed, checkpointer=Checkpointer(run_dir / "checkpoints"),
+                                               progress=TrainingProgress(enabled=show_progress), on_history=on_history,
+                                               model=session.bundle.model, group=group, hooks=hooks)
+    return Trained(model, outcomes, history)
+
+
+def write_model(session: Session, model, run_dir: Path, test_outputs) -> None:
+    """model/ (safetensors, with what `honed predict` needs in honed.json) and predictions.csv."""
+    recipe = session.recipe
+    model.cpu()
+    meta = {"task": recipe.task, **session.task.model_meta(recipe, session.splits), "precision": session.precision}
+    save_model(session.bundle, model, run_dir / "model", meta)
+    session.task.write_predictions(run_dir / "predictions.csv", session, test_outputs)
+    model.to(session.device)
+
+
+def seed_spread(session: Session, tuner: FineTuner, seed: int, test_metrics: dict, show_progress: bool) -> dict:
+    """The test metric of the run's seed and of each extra seed in train.seeds (small data is unstable)."""
+    primary = session.task.primary
+    seeds = {seed: test_metrics[primary]}
+    for extra_seed in (session.recipe.train.seeds or [])[1:]:
+        say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
+        other, _, _ = tuner.fine_tune(extra_seed, progress=quiet())
+        seeds[extra_seed] = session.evaluate(other, "test")[primary]
+    return seeds
+
+
+def assemble_metrics(session: Session, model, trained: Trained, before: dict, test_outputs, test_metrics: dict,
+                     val_metrics: dict, seeds: dict, guards: dict, run_dir: Path, started: float, threads) -> dict:
+    """metrics.json (design.md §3): the keys every task writes, then the task's own."""
+    recipe, task = session.recipe, session.task
+    extra = task.summary(session, model, before, test_outputs, guards)
+    samples = sum(o.samples_seen for o in trained.outcomes)
+    train_seconds = trained.train_seconds
+    metrics = {
+        "task": recipe.task,
+        "primary_metric": task.primary,
+        "lower_is_better": sorted(task.lower_is_better),
+        "test": test_metrics,
+        "validation": val_metrics,
+        "pretrained": before["summary"],
+        "majority": extra.pop("majority"),
+        "seeds": {str(k): v for k, v in seeds.items()},
+        "guards": guards,
+        "confusion_matrix": extra.pop("confusion_matrix"),
+        "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
+                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": peak_rss_mb(), "threads": threads,
+                   "memory_estimate_mb": round(session.memory_estimate["total_mb"], 1),
+                   "precision": session.precision, "device": str(session.device)},
+        "run": {"run_dir": str(run_dir), "method": recipe.method,
+                "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(),
+                "steps": sum(o.steps for o in trained.outcomes), "stopped_early": any(o.stopped_early for o in trained.outcomes),
+                "seed": main_seed(recipe)},
+        **extra,
+    }
+    if guards["overfitting"]["details"].get("seeds"):
+        guards["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
+    return metrics
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def build_report(run_dir: Path) -> None:
+    from .report import build_report as build  # deferred: the report's modules load only when a report is written
+
+    build(run_dir)
+
+
+# --------------------------------------------------------------------------- honed curve
+
+def curve(source, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """`honed curve`: the learning curve and data-sufficiency verdict, without a run directory."""
+    recipe, splits = prepare(source, overrides)
+    set_threads(recipe.train.threads)
+    session = setup(recipe, splits)
+    tuner = FineTuner(session, {k: v.detach() for k, v in session.bundle.model.state_dict().items()})
+    details = learning_curve(session, tuner, show_progress)
+    return data_curve.data_guard(details, session.task.class_counts(session), recipe.guards.min_per_class)

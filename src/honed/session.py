@@ -1,0 +1,145 @@
+"""A prepared run: the recipe checked, the data loaded and audited, the model loaded, every split
+encoded once and the pre-trained features cached. `honed check` stops after `prepare`; `honed
+run`, `honed curve` and `honed tune` go on to `setup`. Nothing here branches on the task: each
+step is a field of the task's row (tasks/base.py)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import track
+from .auto import resolve_auto
+from .errors import RecipeError
+from .hooks import Hooks
+from .memory import check_memory, estimate_training_memory
+from .models.load import ModelBundle
+from .recipe import Recipe, features_key, load_recipe, main_seed
+from .tasks import TASKS
+from .tasks.base import Reference, Splits, Task
+from .train.allocator import release_free_memory
+from .train.precision import device as pick_device
+from .train.precision import resolve_precision
+
+TRAIN_EVAL_ROWS = 2000  # at most this many training rows are scored at each evaluation, for the train/validation gap
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Session:
+    """Everything a fine-tune needs that does not change between seeds, fractions or baselines."""
+
+    recipe: Recipe
+    task: Task
+    splits: Splits  # what task.load_splits returned
+    bundle: ModelBundle
+    encoded: dict  # split name → encoded split
+    features: dict  # split name → pre-trained features (the head's input); empty when the task has none
+    precision: str
+    device: torch.device
+    eval_batch_size: int
+    train_eval_idx: torch.Tensor
+    reference: Reference
+    original_head: torch.nn.Module | None  # the source model's head, for its original task
+    memory_estimate: dict
+    hooks: Hooks = field(default_factory=Hooks)
+
+    def outputs(self, model, split) -> torch.Tensor:
+        """The task's outputs for an encoded split (logits, forecasts, per-conversation NLL)."""
+        return self.task.predict(model, split, self.bundle.pad_id, self.eval_batch_size, self.precision, self.device)
+
+    def evaluate(self, model, name: str) -> dict:
+        """The task's metrics of `model` on the split `name`."""
+        split = self.encoded[name]
+        return self.task.metrics(self.outputs(model, split), split)
+
+    def head_features(self, model, split) -> torch.Tensor:
+        """The head's inputs for `split` from `model` (the bundle's head name, found inside wrappers)."""
+        return timed_features(self.task, self.bundle_for(model), model, split, self.eval_batch_size, self.precision, self.device, self.hooks)
+
+    def bundle_for(self, model) -> ModelBundle:
+        """The bundle with another model in it (a fine-tuned copy, a scratch model)."""
+        clone = copy.copy(self.bundle)
+        clone.model = model
+        return clone
+
+
+def prepare(source, overrides=None) -> tuple[Recipe, object]:
+    """Recipe and data: everything `honed check` does, without loading a model."""
+    recipe = load_recipe(source, overrides)
+    track.check_available(recipe)
+    task = TASKS[recipe.task]
+    task.check_recipe(recipe)
+    if recipe.method not in task.methods:
+        allowed = ", ".join(task.methods[:-1]) + " or " + task.methods[-1]
+        raise RecipeError(f"method: {recipe.task} fine-tunes with {allowed}; got {recipe.method!r}")
+    splits = task.load_splits(recipe)
+    if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
+        raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")
+    return recipe, splits
+
+
+def check_audit(recipe: Recipe, splits) -> dict:
+    """The audit `honed check` shows: everything that needs no model."""
+    return TASKS[recipe.task].audit(recipe, splits)
+
+
+def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None = None) -> Session:
+    """Load the model, encode every split once, and cache the pre-trained features.
+
+    cache (a dict the caller keeps, e.g. one per `honed tune` worker) holds the encoded splits and
+    the pre-trained features between runs that differ only in training hyperparameters.
+    """
+    hooks = hooks or Hooks()
+    seed = main_seed(recipe)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    dev = pick_device()
+    task = TASKS[recipe.task]
+    bundle = task.load_model(recipe, splits)
+    resolve_auto(recipe, bundle.family, len(splits.train))
+    precision = resolve_precision(recipe.train.precision, dev)
+    memory = memory_estimate(recipe, task, bundle, precision)
+    check_memory(memory, dev, recipe.method, recipe.train.batch_size)
+    key = features_key(recipe, precision)
+    cached = cache.get(key) if cache is not None else None
+    if cached is None:
+        encoded = {name: task.encode(bundle, getattr(splits, name), splits.labels, recipe) for name in SPLITS}
+    bundle.model.to(dev)
+    eval_bs = max(32, 2 * recipe.train.batch_size)
+    if cached is None:
+        features = {} if task.features is None else {
+            name: timed_features(task, bundle, bundle.model, split, eval_bs, precision, dev, hooks) for name, split in encoded.items()}
+        if cache is not None:
+            cache[key] = (encoded, features)
+    else:
+        encoded, features = cached
+    g = torch.Generator().manual_seed(seed)
+    # the gap needs the training score only as precisely as the validation score it is compared with
+    train_eval_rows = min(TRAIN_EVAL_ROWS, max(256, len(encoded["validation"])))
+    train_eval_idx = torch.randperm(len(encoded["train"]), generator=g)[:train_eval_rows]
+    release_free_memory()
+    reference, original_head = task.load_reference(recipe, bundle, encoded)
+    return Session(recipe, task, splits, bundle, encoded, features, precision, dev, eval_bs, train_eval_idx,
+                   reference, original_head, memory, hooks)
+
+
+def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str) -> dict:
+    model = bundle.model
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in bundle.head().parameters())
+    fraction = {"head": head / total, "lora": 0.02 + head / total, "freeze": 0.5}.get(recipe.method, 1.0)
+    return estimate_training_memory(model, recipe.train.batch_size, task.sequence_length(recipe, model), precision, fraction)
+
+
+def timed_features(task: Task, bundle, model, split, batch_size: int, precision: str, device, hooks: Hooks) -> torch.Tensor:
+    """task.features, reported to hooks.on_features (rows, seconds)."""
+    started = time.perf_counter()
+    out = task.features(bundle, model, split, batch_size, precision, device)
+    if hooks.on_features is not None:
+        hooks.on_features(len(split), time.perf_counter() - started)
+    return out

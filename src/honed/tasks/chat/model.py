@@ -1,0 +1,372 @@
+"""Chat (instruction fine-tuning of a causal LM): render conversations with the chat template,
+train only on assistant tokens, pack short conversations, score perplexity, measure forgetting
+as perplexity and hidden-state drift on reference text, and generate replies.
+
+Layout of a batch: `input_ids`, `position_ids` (restarting at 0 for every conversation in a
+packed row) and `targets` (the token id where the token is an assistant token the model must
+predict, -100 elsewhere, including the first token of every conversation, so nothing is ever
+predicted across a boundary). `attention_mask` is None: with restarting position ids and no
+cache, transformers builds a block-diagonal causal mask (one block per packed conversation);
+padding sits at the end of a row, so causal attention keeps it away from real tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...data import ragged
+from ...data.batching import batch_plan, epoch_generator
+from ...data.load import read_table
+from ...errors import DataError, RecipeError
+from ...models.load import ModelBundle, load_saved, run_model_dir
+from ...train.loop import Batches
+from ...train.precision import autocast, fit_threads
+from .data import pack_rows, validate_messages
+
+IGNORE = -100
+GENERATIONS = 3  # validation prompts shown before/after in metrics.json
+GENERATION_TOKENS = 32
+PRIMARY = "neg_perplexity"
+
+
+@dataclass
+class EncodedChat:
+    """Token ids and assistant masks of every conversation, stored flat with offsets."""
+
+    flat: torch.Tensor  # token ids
+    mask: torch.Tensor  # bool, True where the token is a training target
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    truncated: int = 0
+    dropped_tokens: int = 0
+    dropped_assistant_tokens: int = 0
+    no_target: int = 0
+    max_length: int = 128
+    packing: bool = True
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.flat[a:b], self.mask[a:b]
+
+
+# --------------------------------------------------------------------------- rendering and the assistant mask
+
+def _template_text(tokenizer) -> str:
+    template = tokenizer.chat_template
+    return template if isinstance(template, str) else json.dumps(template)
+
+
+def render_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation, and True for each token of an assistant reply
+    (its content and the template's end-of-turn marker, not the role header).
+
+    With `{% generation %}` markers in the template, transformers' own assistant mask is used;
+    otherwise the assistant spans are found by rendering prefixes: the text before reply i is
+    the conversation up to i with the generation prompt, the text through reply i is the
+    conversation up to and including it; both must be prefixes of the full rendering.
+    """
+    template = _template_text(tokenizer)
+    if "generation %}" in template:
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), [bool(x) for x in enc["assistant_masks"]]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through) and len(through) >= len(before)):
+            raise RecipeError("data.chat_template: the template does not render a conversation prefix by prefix, so the assistant "
+                              "tokens cannot be located; use a template with {% generation %} markers around assistant replies")
+        spans.append((len(before), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [any(a <= start < b for a, b in spans) and end > start for start, end in enc["offset_mapping"]]
+    return ids, mask
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int, packing: bool) -> EncodedChat:
+    """Render and tokenise once; conversations longer than max_length are cut and counted."""
+    all_ids, all_mask, lengths = [], [], []
+    truncated = dropped = dropped_assistant = no_target = 0
+    for messages in conversations:
+        ids, mask = render_with_mask(tokenizer, messages)
+        if len(ids) > max_length:
+            truncated += 1
+            dropped += len(ids) - max_length
+            dropped_assistant += sum(mask[max_length:])
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not ids:
+            ids, mask = [tokenizer.pad_token_id], [False]
+        mask[0] = False  # the first token has nothing before it to be predicted from
+        if not any(mask):
+            no_target += 1
+        all_ids.extend(ids)
+        all_mask.extend(mask)
+        lengths.append(len(ids))
+    return _encoded(all_ids, all_mask, lengths, truncated, dropped, dropped_assistant, no_target, max_length, packing)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedChat:
+    """Plain text for language modelling (the reference set): every token after the first is a target."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    ids = [x if x else [tokenizer.pad_token_id] for x in ids]
+    masks = [[False] + [True] * (len(x) - 1) for x in ids]
+    return _encoded([t for x in ids for t in x], [m for x in masks for m in x], [len(x) for x in ids], 0, 0, 0, 0, max_length, False)
+
+
+def _encoded(ids, mask, lengths, truncated, dropped, dropped_assistant, no_target, max_length, packing) -> EncodedChat:
+    flat, offsets, lengths_t = ragged.pack(ids, lengths)
+    return EncodedChat(flat, torch.tensor(mask, dtype=torch.bool), offsets, lengths_t,
+                       truncated, dropped, dropped_assistant, no_target, max_length, packing)
+
+
+def encode(bundle, frame, labels, recipe) -> EncodedChat:
+    return encode_conversations(bundle.tokenizer, frame["messages"].tolist(), recipe.data.max_length, recipe.data.packing)
+
+
+def subset(split: EncodedChat, idx) -> EncodedChat:
+    offsets, lengths, flat, mask = ragged.take(split.offsets, split.lengths, idx, split.flat, split.mask)
+    return EncodedChat(flat, mask, offsets, lengths, 0, 0, 0, 0, split.max_length, split.packing)
+
+
+# --------------------------------------------------------------------------- packing, batches, loss
+
+def collate(split: EncodedChat, indices, pad_id: int, packing: bool | None = None) -> dict:
+    """Rows of one conversation each, or (packing) conversations packed next-fit into rows of max_length."""
+    indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+    packing = split.packing if packing is None else packing
+    if packing:
+        rows = [[indices[j] for j in row] for row in pack_rows([int(split.lengths[i]) for i in indices], split.max_length)]
+    else:
+        rows = [[i] for i in indices]
+    width = max(sum(int(split.lengths[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ids, mask = split.item(i)
+            n = len(ids)
+            input_ids[r, at : at + n] = ids
+            position_ids[r, at : at + n] = torch.arange(n)
+            t = torch.where(mask, ids, torch.full_like(ids, IGNORE))
+            t[0] = IGNORE  # never predicted from the previous conversation
+            targets[r, at : at + n] = t
+            at += n
+        if at < width:  # padding continues the last conversation's positions (it is never attended to by real tokens)
+            start = int(position_ids[r, at - 1]) + 1 if at else 0
+            position_ids[r, at:] = torch.arange(start, start + width - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+
+
+def batches(split: EncodedChat, batch_size: int, seed: int, pad_id: int, group_by_length: bool) -> Batches:
+    """With packing, batch_size counts packed rows; an epoch's plan lists the conversations of each batch in packing order."""
+    def plan(epoch: int) -> list[list[int]]:
+        if not split.packing:
+            return batch_plan(split.lengths, batch_size, seed, epoch, group_by_length)
+        perm = torch.randperm(len(split), generator=epoch_generator(seed, epoch)).tolist()
+        rows = pack_rows([int(split.lengths[i]) for i in perm], split.max_length)
+        rows = [[perm[j] for j in row] for row in rows]
+        return [[i for row in rows[k : k + batch_size] for i in row] for k in range(0, len(rows), batch_size)]
+
+    return Batches(size=len(split), plan=plan, collate=lambda indices: collate(split, indices, pad_id))
+
+
+def _forward(model: nn.Module, batch: dict, hidden: bool = False):
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                 use_cache=False, output_hidden_states=hidden)
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of position t+1 from position t, and the mask of scored tokens."""
+    logits, targets = logits[:, :-1].float(), targets[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return nll.view(targets.shape), targets != IGNORE
+
+
+def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean negative log-likelihood over the assistant tokens of the batch."""
+    nll, scored = _token_nll(_forward(model, batch).logits, batch["targets"])
+    return (nll * scored).sum() / scored.sum().clamp(min=1)
+
+
+def _eval_batches(split: EncodedChat, pad_id: int, batch_size: int):
+    order = torch.argsort(split.lengths, descending=True, stable=True)
+    return ((order[s : s + batch_size], collate(split, order[s : s + batch_size], pad_id, packing=False))
+            for s in range(0, len(order), batch_size))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: EncodedChat, pad_id: int, batch_size: int, precision: str, device) -> torch.Tensor:
+    """Per conversation: [summed NLL, scored tokens, correctly predicted tokens], in the split's order."""
+    fit_threads(precision, device)
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(split), 3)
+    try:
+        with autocast(precision, device):
+            for idx, batch in _eval_batches(split, pad_id, batch_size):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = _forward(model, batch).logits
+                nll, scored = _token_nll(logits, batch["targets"])
+                correct = (logits[:, :-1].argmax(-1) == batch["targets"][:, 1:]) & scored
+                out[idx, 0] = (nll * scored).sum(1).float().cpu()
+                out[idx, 1] = scored.sum(1).float().cpu()
+                out[idx, 2] = correct.sum(1).float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def metrics(stats: torch.Tensor, split=None) -> dict:
+    """Loss and perplexity over the scored (assistant) tokens, token accuracy; the split is not needed."""
+    nll, tokens, correct = (float(x) for x in stats.sum(0))
+    if tokens == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), PRIMARY: float("-inf"), "token_accuracy": float("nan"), "tokens": 0}
+    loss_value = nll / tokens
+    ppl = math.exp(min(loss_value, 80.0))
+    return {"loss": loss_value, "perplexity": ppl, PRIMARY: -ppl, "token_accuracy": correct / tokens, "tokens": int(tokens)}
+
+
+@torch.no_grad()
+def hidden_features(model: nn.Module, split: EncodedChat, pad_id: int, batch_size: int, precision: str, device) -> torch.Tensor:
+    """Mean-pooled last hidden state over each text's tokens (the CKA features), in fp32."""
+    fit_threads(precision, device)
+    was_training = model.training
+    model.eval()
+    out = None
+    try:
+        with autocast(precision, device):
+            for idx, batch in _eval_batches(split, pad_id, batch_size):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = _forward(model, batch, hidden=True).hidden_states[-1].float()
+                real = (torch.arange(hidden.shape[1], device=device)[None, :] < split.lengths[idx].to(device)[:, None]).float()
+                pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+                if out is None:
+                    out = torch.zeros(len(split), pooled.shape[-1])
+                out[idx] = pooled.cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+def prompt_of(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its first assistant reply."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return messages[:first]
+
+
+@torch.no_grad()
+def generate_reply(model: nn.Module, tokenizer, messages: list[dict], max_tokens: int = GENERATION_TOKENS,
+                   temperature: float = 0.0, device=None) -> str:
+    """One reply: the chat template with the generation prompt, greedy when temperature is 0."""
+    device = device or next(model.parameters()).device
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and ids.shape[1] >= limit:
+        raise DataError(f"messages: the prompt is {ids.shape[1]} tokens; the model's context is {limit}; shorten the conversation")
+    if limit is not None:
+        max_tokens = min(max_tokens, limit - ids.shape[1])
+    kwargs = {"do_sample": True, "temperature": float(temperature)} if temperature and temperature > 0 else {"do_sample": False}
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_tokens),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+_CACHE: dict[str, object] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _bundle_of(run_dir_or_bundle):
+    if isinstance(run_dir_or_bundle, ModelBundle):
+        return run_dir_or_bundle
+    path = Path(run_dir_or_bundle)
+    model_dir = run_model_dir(path) if path.exists() else None
+    if model_dir is None:
+        raise RecipeError(f"RUN_DIR: {path} has no model/ folder with honed.json; give a finished chat run")
+    key = str(model_dir.resolve())
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            bundle = load_saved(model_dir)
+            if bundle.family != "causal-lm":
+                raise RecipeError(f"RUN_DIR: {path} is a {bundle.family} run, not a chat run")
+            bundle.model.eval()
+            _CACHE[key] = bundle
+        return _CACHE[key]
+
+
+def generate_chat(run_dir_or_bundle, messages, max_tokens: int = 128, temperature: float = 0.0) -> str:
+    """The assistant's reply to `messages` ([{role, content}, ...]) from a chat run directory (loaded once
+    and cached) or a loaded ModelBundle. Raises DataError for malformed messages or a prompt longer than the context."""
+    bundle = _bundle_of(run_dir_or_bundle)
+    messages = validate_messages(messages, "messages")
+    if max_tokens < 1:
+        raise DataError(f"max_tokens: must be at least 1, got {max_tokens}")
+    return generate_reply(bundle.model, bundle.tokenizer, messages, max_tokens, temperature)
+
+
+def predict_conversations(model_dir: Path, meta: dict, input_path: Path, max_tokens: int = 128):
+    """`honed predict` for a chat run: one reply per conversation (a trailing assistant message is the
+    one to predict, so it is left out of the prompt and kept as `expected`)."""
+    frame = read_table(input_path, "INPUT")
+    column = meta.get("messages_column", "messages")
+    if column not in frame.columns:
+        raise DataError(f"INPUT: column '{column}' not found in {input_path.name} (columns: {', '.join(map(str, frame.columns[:30]))}); "
+                        "give a JSONL with a list of {\"role\", \"content\"} messages per record")
+    bundle = _bundle_of(model_dir)
+    replies, expected = [], []
+    for i, value in enumerate(frame[column].tolist(), start=1):
+        messages = validate_messages(value, f"INPUT: {input_path.name} record {i}")
+        if messages[-1]["role"] == "assistant":
+            expected.append(messages[-1]["content"])
+            messages = messages[:-1]
+        else:
+            expected.append(None)
+        if not messages:
+            raise DataError(f"INPUT: {input_path.name} record {i} has no message before the assistant's reply to prompt with")
+        replies.append(generate_reply(bundle.model, bundle.tokenizer, messages, max_tokens, 0.0))
+    out = frame.copy()
+    out[column] = [json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v for v in frame[column]]
+    if any(e is not None for e in expected):
+        out["expected"] = expected
+    out["prediction"] = replies
+    return out
+
+
+def generations(model, tokenizer, conversations: list[list[dict]], device) -> list[str]:
+    return [generate_reply(model, tokenizer, prompt_of(m), GENERATION_TOKENS, 0.0, device) for m in conversations]
+
+
+def write_predictions(path: Path, frame, stats: torch.Tensor) -> None:
+    """Test-set scores per conversation: scored tokens, loss and perplexity."""
+    tokens = stats[:, 1].clamp(min=1)
+    loss_values = (stats[:, 0] / tokens).tolist()
+    pd.DataFrame({
+        "messages": [json.dumps(m, ensure_ascii=False) for m in frame["messages"]],
+        "assistant_tokens": stats[:, 1].long().tolist(),
+        "loss": [round(v, 6) for v in loss_values],
+        "perplexity": [round(math.exp(min(v, 80.0)), 4) for v in loss_values],
+    }).to_csv(path, index=False)

@@ -1,0 +1,1 @@
+"""The forecasting task: data.py (load, audit), model.py (the model's inputs and outputs), task.py (the row)."""

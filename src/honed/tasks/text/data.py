@@ -1,0 +1,214 @@
+"""Text classification data: load the splits, validate columns and labels, carve missing splits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ...data.load import read_table
+from ...data.split import carve, label_to_str
+from ...errors import DataError
+from ...recipe import DataSpec
+
+MAX_CLASS_SHARE_OF_ROWS = 0.5  # more distinct labels than half the rows is an id column, not a label
+
+
+@dataclass
+class TextSplits:
+    """The three splits, each a frame with `text` and `label` (str) columns plus any group columns."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    notes: list[dict] = field(default_factory=list)  # audit findings produced while preparing
+
+
+def _columns_error(field_name: str, column: str, path: str, frame: pd.DataFrame) -> DataError:
+    cols = ", ".join(map(str, frame.columns[:30]))
+    return DataError(f"{field_name}: column '{column}' not found in {_name(path)} (columns: {cols})")
+
+
+def _name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name
+
+
+NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def _where(mask: pd.Series, path: str) -> str:
+    """Where the flagged rows are: file lines for CSV/TSV (after the header), record numbers otherwise."""
+    first = mask[mask].index[:5]
+    if _name(path).lower().endswith((".csv", ".tsv")):
+        return "file lines " + ", ".join(str(i + 2) for i in first)
+    return "records " + ", ".join(str(i + 1) for i in first)
+
+
+def _check_labels_are_classes(values: pd.Series, path: str, column: str) -> None:
+    text = values.astype(str).str.strip()
+    numeric = pd.to_numeric(text, errors="coerce")
+    if not (numeric.notna() | text.str.lower().isin(NON_FINITE)).all():
+        return  # class names, not numbers
+    finite = numeric.map(math.isfinite)  # NaN → False
+    if not finite.all():
+        examples = ", ".join(sorted(set(text[~finite]))[:3])
+        raise DataError(
+            f"data.label: column '{column}' in {_name(path)} has {int((~finite).sum())} NaN/inf value(s) ({examples}; "
+            f"{_where(~finite, path)}); expected class labels; fix or remove those rows"
+        )
+    if not (numeric == numeric.round()).all():
+        example = text[numeric != numeric.round()].iloc[0]
+        raise DataError(
+            f"data.label: column '{column}' in {_name(path)} holds fractional numbers (e.g. {example}); "
+            "text-classification needs class labels; for a numeric target use a regression task"
+        )
+
+
+def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: list[dict]) -> pd.DataFrame:
+    for column, key in ((spec.text, "data.text"), (spec.label, "data.label")):
+        if column not in frame.columns:
+            raise _columns_error(key, column, path, frame)
+    for column in spec.groups:
+        if column not in frame.columns:
+            raise _columns_error("data.groups", column, path, frame)
+    labels = frame[spec.label]
+    missing = labels.isna() | (labels.astype(str).str.strip() == "")
+    if missing.any():
+        raise DataError(
+            f"data.label: {int(missing.sum())} row(s) of {_name(path)} have no '{spec.label}' value "
+            f"({_where(missing, path)}); fill them in or remove those rows"
+        )
+    _check_labels_are_classes(labels, path, spec.label)
+    texts = frame[spec.text]
+    no_text = texts.isna() | (texts.astype(str).str.strip() == "")
+    if no_text.any():
+        notes.append({
+            "level": "warn", "code": "empty_text", "split": role,
+            "message": f"{int(no_text.sum())} row(s) of {_name(path)} have an empty '{spec.text}'; they were left out",
+        })
+    kept = frame.loc[~no_text]
+    if len(kept) == 0:
+        raise DataError(f"data.text: every row of {_name(path)} has an empty '{spec.text}' column")
+    out = pd.DataFrame({"text": kept[spec.text].astype(str).to_numpy(), "label": kept[spec.label].map(label_to_str).to_numpy()})
+    for column in spec.groups:
+        out[column] = kept[column].fillna("(missing)").astype(str).to_numpy()
+    return out
+
+
+def load_text_splits(spec: DataSpec, seed: int) -> TextSplits:
+    """Read train (and validation/test when given), validate, and carve the missing splits."""
+    notes: list[dict] = []
+    train = _prepare(read_table(spec.train, "data.train"), spec, spec.train, "train", notes)
+    validation = test = None
+    if spec.validation:
+        validation = _prepare(read_table(spec.validation, "data.validation"), spec, spec.validation, "validation", notes)
+    if spec.test:
+        test = _prepare(read_table(spec.test, "data.test"), spec, spec.test, "test", notes)
+
+    classes = train["label"].value_counts()
+    if len(classes) < 2:
+        raise DataError(
+            f"data.label: column '{spec.label}' in {_name(spec.train)} has a single class ('{classes.index[0]}') "
+            f"in its {len(train)} row(s); "
+            "classification needs at least two"
+        )
+    if len(classes) > 100 and len(classes) > MAX_CLASS_SHARE_OF_ROWS * len(train):
+        raise DataError(
+            f"data.label: column '{spec.label}' has {len(classes)} distinct values in {len(train)} rows of "
+            f"{_name(spec.train)}; that looks like an id or free text, not a class label"
+        )
+    needed = (validation is None) + (test is None)
+    if len(train) < 3 * max(needed, 1) * len(classes) and needed:
+        raise DataError(
+            f"data.train: {_name(spec.train)} has {len(train)} rows for {len(classes)} classes; too few to carve "
+            "validation and test splits out of it; give data.validation and data.test, or more rows"
+        )
+    if test is None:
+        train, test, stratified = carve(train, spec.test_fraction, "label", seed)
+        notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} rows, {'stratified' if stratified else 'random'}, seed {seed})"})
+    if validation is None:
+        fraction = spec.validation_fraction / (1 - spec.test_fraction) if not spec.test else spec.validation_fraction
+        train, validation, stratified = carve(train, fraction, "label", seed + 1)
+        notes.append({"level": "info", "code": "split", "message": f"validation split carved from train ({len(validation)} rows, {'stratified' if stratified else 'random'}, seed {seed + 1})"})
+
+    labels = sorted(train["label"].unique().tolist(), key=_label_sort_key)
+    known = set(labels)
+    for role, frame, path in (("validation", validation, spec.validation), ("test", test, spec.test)):
+        unseen = sorted(set(frame["label"]) - known)
+        if unseen:
+            where = _name(path) if path else f"the carved {role} split"
+            raise DataError(
+                f"data.{role}: labels {', '.join(repr(u) for u in unseen[:10])} in {where} never occur in training "
+                f"(training labels: {', '.join(labels[:20])}); add training examples for them or remove those rows"
+            )
+    return TextSplits(train=train, validation=validation, test=test, labels=labels, notes=notes)
+
+
+def _label_sort_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+MIN_PER_CLASS = 20
+
+
+def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_length: int | None = None) -> dict:
+    """Class counts, empty texts, duplicates, train/validation/test leakage, truncation.
+
+    Returns {"findings": [{level, code, message}], "splits": {name: {rows, class_counts}}, ...}.
+    """
+    findings: list[dict] = list(splits.notes)
+    frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    summary = {
+        name: {"rows": int(len(f)), "class_counts": {str(k): int(v) for k, v in f["label"].value_counts().sort_index().items()}}
+        for name, f in frames.items()
+    }
+    train_counts = splits.train["label"].value_counts()
+    small = train_counts[train_counts < MIN_PER_CLASS]
+    if len(small):
+        findings.append({
+            "level": "warn", "code": "few_examples_per_class",
+            "message": f"{len(small)} class(es) have fewer than {MIN_PER_CLASS} training examples: "
+            + ", ".join(f"{k} ({v})" for k, v in small.items()),
+        })
+    majority_share = float(train_counts.max() / train_counts.sum())
+    if majority_share > 0.9:
+        findings.append({"level": "warn", "code": "imbalanced", "message": f"the largest class is {majority_share:.0%} of training rows; accuracy will look high even for a useless model"})
+
+    dup_mask = splits.train.duplicated(subset=["text"], keep="first")
+    conflicting = splits.train.groupby("text")["label"].nunique()
+    conflicting = int((conflicting > 1).sum())
+    if dup_mask.any():
+        findings.append({"level": "warn" if dup_mask.mean() > 0.05 else "info", "code": "duplicates",
+                         "message": f"{int(dup_mask.sum())} training row(s) repeat an earlier text exactly"
+                         + (f"; {conflicting} text(s) appear with different labels" if conflicting else "")})
+
+    train_texts = set(splits.train["text"])
+    leakage = {}
+    for name in ("validation", "test"):
+        shared = int(frames[name]["text"].isin(train_texts).sum())
+        leakage[name] = shared
+        if shared:
+            findings.append({"level": "warn", "code": "leakage",
+                             "message": f"{shared} {name} row(s) have a text identical to a training text; their scores overstate how the model does on new data"})
+    if truncated:
+        total = sum(truncated.values())
+        if total:
+            rows = sum(len(f) for f in frames.values())
+            findings.append({"level": "warn" if total / rows > 0.05 else "info", "code": "truncated",
+                             "message": f"{total} of {rows} texts are longer than data.max_length={max_length} tokens and were truncated"})
+    return {
+        "findings": findings,
+        "splits": summary,
+        "duplicates_in_train": int(dup_mask.sum()),
+        "conflicting_labels": conflicting,
+        "leakage": leakage,
+        "truncated": truncated or {},
+        "majority_share": majority_share,
+    }

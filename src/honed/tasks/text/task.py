@@ -1,0 +1,80 @@
+"""The text-classification row: a column of texts and a column of labels (csv, jsonl, parquet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...data.load import read_table
+from ...errors import DataError, RecipeError
+from ...models.load import load_pretrained, load_saved
+from ...serve.schemas import ClassifierRequest
+from ...train.precision import device as pick_device
+from ...train.precision import resolve_precision
+from .. import labelled
+from ..base import CachedHead, Task, refuse_series_model, saved_columns
+from . import data, model
+
+
+def check_recipe(recipe) -> None:
+    refuse_series_model(recipe)
+    if not isinstance(recipe.model, str):
+        raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
+
+
+def audit(recipe, splits, bundle=None, encoded=None) -> dict:
+    if encoded is None:
+        return data.audit_text_splits(splits)
+    return data.audit_text_splits(splits, {k: v.truncated for k, v in encoded.items()}, recipe.data.max_length)
+
+
+def encode(bundle, frame, labels, recipe):
+    return model.encode(bundle, frame["text"].tolist(), frame["label"].tolist() if "label" in frame else None, recipe.data.max_length)
+
+
+def encode_reference(recipe, bundle, frame, spec):
+    return model.encode(bundle, frame[spec.text].fillna("").astype(str).tolist(), None, recipe.data.max_length)
+
+
+def predict_file(model_dir: Path, meta: dict, input_path: Path, batch_size: int):
+    """Predictions for a table with the run's text column."""
+    frame = read_table(input_path, "INPUT")
+    dev = pick_device()
+    # the precision the run was evaluated in, so predictions match predictions.csv
+    precision = resolve_precision(meta.get("precision", "auto"), dev)
+    column = meta.get("text_column", "text")
+    if column not in frame.columns:
+        raise DataError(f"INPUT: column '{column}' not found in {Path(input_path).name} (columns: {', '.join(map(str, frame.columns[:30]))}); the model was trained on '{column}'")
+    bundle = load_saved(model_dir)
+    texts = frame[column].fillna("").astype(str).tolist()
+    encoded = model.encode(bundle, texts, None, int(meta.get("max_length", 128)))
+    logits = model.predict_logits(bundle.model.to(dev), encoded, bundle.pad_id, batch_size, precision, dev)
+    return labelled.with_predictions(frame, logits, bundle.labels)
+
+
+TASK = Task(
+    name="text-classification",
+    primary="accuracy",
+    lower_is_better=frozenset({"loss"}),
+    default_family="hf",
+    methods=("full", "head", "freeze", "lora", "lp-ft"),
+    check_recipe=check_recipe,
+    load_splits=lambda recipe: data.load_text_splits(recipe.data, recipe.train.seed),
+    audit=audit,
+    load_model=lambda recipe, splits: load_pretrained(recipe.model, splits.labels, recipe),
+    sequence_length=lambda recipe, module: recipe.data.max_length,
+    encode=encode,
+    subset=model.subset,
+    collate=model.collate,
+    batches=lambda split, recipe, seed, pad_id: model.token_batches(split, recipe.train.batch_size, seed, pad_id, recipe.train.group_by_length),
+    loss=model.classification_loss,
+    predict=model.predict_logits,
+    metrics=model.metrics,
+    features=model.extract_features,
+    probe=model.linear_probe,
+    cached_head=CachedHead(model.head_loss),
+    load_reference=labelled.reference_loader(encode_reference),
+    model_meta=lambda recipe, splits: saved_columns(recipe),
+    **labelled.WITH_CLASSES,
+    predict_file=predict_file,
+    request_schema=ClassifierRequest,
+)
