@@ -19,12 +19,12 @@ def test_run_check_predict_report(recipe_factory, tmp_path, capsys):
     assert "train" in out and "recipe ok" in out
     assert not (tmp_path / "run").exists(), "check must not create a run directory"
 
-    code, out, err = cli(["run", recipe, "-s", "train.lr=0.004", "-s", "train.epochs=3"], capsys)
+    code, out, err = cli(["run", recipe, "-s", "train.lr=0.004", "-s", "train.epochs=4"], capsys)
     assert code == 0, err
     run_dir = tmp_path / "run"
     assert "verdict" in out and "overfitting" in out and str(run_dir) in out
     resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert resolved["train"]["lr"] == 0.004 and resolved["train"]["epochs"] == 3
+    assert resolved["train"]["lr"] == 0.004 and resolved["train"]["epochs"] == 4
     assert isinstance(resolved["train"]["batch_size"], int), "every auto is resolved in the saved recipe"
     assert (run_dir / "report.html").read_text().count("<svg") >= 1
 

@@ -24,19 +24,13 @@ ABSENT = "<absent>"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the goldens were recorded on the CPU; a GPU sums in another order")
 
 
-@pytest.fixture(scope="session")
-def golden_shared(tmp_path_factory):
-    """The tiny models and data sets, built once for every golden run of the session."""
-    runs.use_shared_root(tmp_path_factory.mktemp("golden-shared"))
-
-
 @pytest.mark.parametrize("name", list(runs.GOLDEN_RUNS))
-def test_golden_run_unchanged(name, golden_shared, tmp_path):
+def test_golden_run_unchanged(name, golden_run):
     path = runs.golden_path(name)
     assert path.exists(), f"no golden file {path}; record it (tests/golden/README.md)"
     golden = json.loads(path.read_text())
-    metrics, run_dir = runs.execute(name, tmp_path)
-    new = json.loads(runs.dump(runs.golden_record(metrics, run_dir, tmp_path)))  # through JSON, as the golden was
+    _, metrics, run_dir, folder = golden_run(name)  # run once per session (conftest.py), shared with test_task_contract
+    new = json.loads(runs.dump(runs.golden_record(metrics, run_dir, folder)))  # through JSON, as the golden was
     problems = differences(golden, new)
     assert not problems, (f"golden run {name}: {len(problems)} value(s) differ from {path.name} "
                           f"(key: golden -> new)\n  " + "\n  ".join(problems))

@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import honed
-from golden import runs
 from honed.errors import TrainingInterrupted
 from honed.methods import METHODS
 from honed.recipe import Recipe
@@ -92,22 +91,13 @@ def test_row_is_complete(name):
         assert task.features is not None, f"{name}: a probe or a cached head reads the head's features"
 
 
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory):
-    runs.use_shared_root(tmp_path_factory.mktemp("contract-shared"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(shared_root, tmp_path_factory):
-    """Each case's golden run, run once: (recipe, run_dir)."""
-    done = {}
+@pytest.fixture
+def uninterrupted(golden_run):
+    """Each case's golden run, run once per session (conftest.py): (recipe, run_dir)."""
 
     def get(name):
-        if name not in done:
-            tmp = tmp_path_factory.mktemp(name)
-            recipe = runs.GOLDEN_RUNS[CASES[name][0]](tmp)
-            done[name] = (recipe, honed.run(recipe, out=tmp / "run", show_progress=False).run_dir)
-        return done[name]
+        recipe, _, run_dir, _ = golden_run(CASES[name][0])
+        return recipe, run_dir
 
     return get
 

@@ -1,7 +1,7 @@
 """The recipe: pydantic models of recipe.yaml, loading, dotted overrides, and path resolution.
 
 Nothing below this module reads YAML. Unknown keys fail loudly (extra="forbid"); nothing
-here rewrites a value the user gave. `auto` values are resolved later, by the pipeline,
+here rewrites a value the user gave. `auto` values are resolved later, by honed.auto when the run loads the model,
 and the resolved recipe is written to RUN_DIR/recipe.yaml.
 """
 

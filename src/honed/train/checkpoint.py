@@ -172,7 +172,7 @@ class Checkpointer:
 class StateOnDisk(Mapping):
     """A state dict kept in a safetensors file and read tensor by tensor when asked for.
 
-    The pipeline keeps the pre-trained weights this way during a run, so the model can be
+    The run keeps the pre-trained weights this way, so the model can be
     fine-tuned in place instead of beside a second full copy (the pre-trained state is needed
     again only for the guards and for extra fine-tunes: seeds, the learning curve, WiSE-FT).
     Tensors that share storage (tied embeddings) are written once and aliased.
