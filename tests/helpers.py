@@ -157,3 +157,19 @@ def make_series(names, length: int = 60, seed: int = 0, start: str = "2018-01-01
         y = rng.uniform(50, 150) + 0.3 * t + rng.uniform(5, 20) * np.sin(2 * np.pi * t / 12 + i) + rng.normal(0, 1.0, length)
         rows += [{"series": name, "time": d.strftime("%Y-%m-%d"), "target": round(float(v), 3)} for d, v in zip(times, y)]
     return pd.DataFrame(rows)
+
+
+def topic_texts(n: int, seed: int, region: bool = False) -> pd.DataFrame:
+    """A second task on the same vocabulary: is the text about a phone or a box? (region: a group column too)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = "phone" if i % 2 == 0 else "box"
+        words = [rng.choice(NEUTRAL + POSITIVE + NEGATIVE) for _ in range(rng.randint(4, 10))]
+        words = [w for w in words if w not in ("phone", "box")]
+        words.insert(rng.randrange(len(words) + 1), topic)
+        row = {"text": " ".join(words), "label": topic}
+        if region:  # drawn after the words, so the texts are the same with or without it
+            row["region"] = rng.choice(["north", "south"])
+        rows.append(row)
+    return pd.DataFrame(rows)

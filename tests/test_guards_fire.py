@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import honed
-from helpers import NEGATIVE, NEUTRAL, POSITIVE, make_texts, write_recipe
+from helpers import NEUTRAL, make_texts, topic_texts, write_recipe
 
 FAST = {"train.precision": "fp32", "guards.baseline": False, "train.eval_every": 12}
 
@@ -57,19 +57,6 @@ def test_seed_spread_is_reported(tmp_path, tiny_bert):
 
 
 # --------------------------------------------------------------------------- forgetting
-
-def topic_texts(n: int, seed: int) -> pd.DataFrame:
-    """A second task on the same vocabulary: is the text about a phone or a box?"""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = "phone" if i % 2 == 0 else "box"
-        words = [rng.choice(NEUTRAL + POSITIVE + NEGATIVE) for _ in range(rng.randint(4, 10))]
-        words = [w for w in words if w not in ("phone", "box")]
-        words.insert(rng.randrange(len(words) + 1), topic)
-        rows.append({"text": " ".join(words), "label": topic})
-    return pd.DataFrame(rows)
-
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, tiny_bert_module):

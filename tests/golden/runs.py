@@ -7,10 +7,8 @@ need an earlier run (a source model) make it inside the function, with the same 
 The model and data builders are shared: they are built once per process, lazily, under the folder
 given to `use_shared_root` (a temporary folder by default). The data builders and the tiny Llama
 come from tests/helpers.py and tests/chat_helpers.py (the tiny BERT has a fixed vocabulary: a
-trained one differs between processes). The few lines taken from test_tabular.py and
-test_guards_fire.py are copied here (the topics gain a region column), because those test
-modules import honed internals that a redesign may move: the goldens use nothing of honed but
-its public `run`.
+trained one differs between processes). The breast-cancer table is read as test_tabular.py
+reads it. The goldens use nothing of honed but its public `run`.
 
 Every recipe pins what a machine could otherwise choose: train.precision fp32, train.threads 1,
 train.seed, and guards.baseline true or false (its `auto` looks at the training time).
@@ -18,7 +16,6 @@ train.seed, and guards.baseline true or false (its `auto` looks at the training 
 
 from __future__ import annotations
 
-import random
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -26,7 +23,7 @@ from typing import Callable
 import pandas as pd
 
 from chat_helpers import build_tiny_llama, write_conversations, write_general
-from helpers import NEGATIVE, NEUTRAL, POSITIVE, build_tiny_bert, build_tiny_vit, make_series, make_texts, stripes
+from helpers import build_tiny_bert, build_tiny_vit, make_series, make_texts, stripes, topic_texts
 
 # --------------------------------------------------------------------------- shared builders
 
@@ -70,25 +67,12 @@ def cancer_features() -> list[str]:
     return [c for c in pd.read_csv(shared("cancer"), nrows=0).columns if c != "target"]
 
 
-def topic_texts(n: int, seed: int) -> pd.DataFrame:
-    """Copied from tests/test_guards_fire.py: a second task on the same vocabulary (phone or box?)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = "phone" if i % 2 == 0 else "box"
-        words = [rng.choice(NEUTRAL + POSITIVE + NEGATIVE) for _ in range(rng.randint(4, 10))]
-        words = [w for w in words if w not in ("phone", "box")]
-        words.insert(rng.randrange(len(words) + 1), topic)
-        rows.append({"text": " ".join(words), "label": topic, "region": rng.choice(["north", "south"])})  # region: added here
-    return pd.DataFrame(rows)
-
-
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny_bert": build_tiny_bert,
     "texts": lambda f: _csv(f, "train.csv", make_texts(240, seed=1)),  # text, label, region
     "sentiment": lambda f: _csv(f, "sentiment.csv", make_texts(240, seed=11)),  # a labelled reference set
     "sentiment_run": lambda f: sentiment_run(f),  # a source model made by honed
-    "topics": lambda f: _csv(f, "topics.csv", topic_texts(240, seed=3)),
+    "topics": lambda f: _csv(f, "topics.csv", topic_texts(240, seed=3, region=True)),
     "tiny_vit": build_tiny_vit,
     "images": lambda f: stripes(f / "train", 30, seed=1),
     "cancer": cancer_csv,

@@ -51,8 +51,11 @@ def assert_matches(predictions: list[dict], texts: list[str], reference: dict) -
         label, probs = reference[text]
         assert got["label"] == label, text
         assert got["probabilities"].keys() == probs.keys()
+        # 1e-3: the fixture's head-only model folds its standardisation into weights of ~7e3 on
+        # features of std ~1e-4 (measured), so fp32 rounding in a differently padded batch moves a
+        # probability by ~1e-4; the label must still be the same
         for name, p in probs.items():
-            assert got["probabilities"][name] == pytest.approx(p, abs=1e-4), text
+            assert got["probabilities"][name] == pytest.approx(p, abs=1e-3), text
 
 
 # --------------------------------------------------------------------------- the real process
