@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.batching import shuffled_plan
+from .hooks import Hooks
 from .methods import METHODS
 from .models.capture import head_inputs
 from .models.load import logits_of, scratch_copy
@@ -22,7 +23,6 @@ from .session import TRAIN_EVAL_ROWS, Session
 from .tasks.base import FeatureSplit
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk
-from .hooks import Hooks
 from .train.loop import Batches, LoopConfig, Outcome, train
 from .train.progress import quiet
 
