@@ -16,6 +16,8 @@ import torch
 
 from ..errors import RecipeError
 from ..recipe import SeriesModelSpec
+from ..train.precision import device as pick_device
+from ..train.precision import resolve_precision
 
 
 class Splits(Protocol):
@@ -119,6 +121,13 @@ def refuse_series_model(recipe) -> None:
     """A forecasting architecture spec (`model: {architecture: patchtst}`) in a task that is not forecasting."""
     if isinstance(recipe.model, SeriesModelSpec):
         raise RecipeError(f"model: architecture {recipe.model.architecture!r} is a forecasting model; task {recipe.task} cannot use it")
+
+
+def saved_device_and_precision(meta: dict):
+    """For `honed predict`: the best device, and the precision the run was evaluated in (honed.json),
+    so predictions match predictions.csv."""
+    dev = pick_device()
+    return dev, resolve_precision(meta.get("precision", "auto"), dev)
 
 
 def saved_columns(recipe) -> dict:

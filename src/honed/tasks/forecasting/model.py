@@ -164,7 +164,6 @@ def future_times(times: pd.Series, horizon: int, freq: str | None, series: str) 
 def predict_future(model_dir: Path, meta: dict, input_path: Path, precision: str, dev) -> pd.DataFrame:
     """`honed predict` for a forecasting run: given history in long format, forecast the next
     `horizon` values of each series, with their timestamps."""
-
     spec = SimpleNamespace(series=meta["series_column"], time=meta["time_column"], target=meta["target_column"],
                            covariates=meta.get("covariates", []))
     frame = check_long_frame(read_table(input_path, "INPUT"), spec, input_path.name, where="INPUT")

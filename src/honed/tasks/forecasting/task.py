@@ -12,10 +12,8 @@ from ...errors import RecipeError
 from ...guards.status import guard_result
 from ...models.forecast import build_forecaster, load_forecaster
 from ...recipe import MLPSpec
-from ...train.precision import device as pick_device
-from ...train.precision import resolve_precision
 from .. import labelled
-from ..base import Reference, Task, saved_columns
+from ..base import Reference, Task, saved_columns, saved_device_and_precision
 from . import data, model
 
 
@@ -112,8 +110,8 @@ def summary(session, module, before, test_outputs, guards) -> dict:
 
 def predict_file(model_dir: Path, meta: dict, input_path: Path, batch_size: int):
     """History in long format → the next `horizon` values of each series, with their timestamps."""
-    dev = pick_device()
-    return model.predict_future(model_dir, meta, Path(input_path), resolve_precision(meta.get("precision", "auto"), dev), dev)
+    dev, precision = saved_device_and_precision(meta)
+    return model.predict_future(model_dir, meta, Path(input_path), precision, dev)
 
 
 TASK = Task(

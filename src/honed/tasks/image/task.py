@@ -9,10 +9,8 @@ import pandas as pd
 from ...data.load import read_table
 from ...errors import DataError, RecipeError
 from ...models.load import load_hf_image, load_saved, relabel, run_model_dir
-from ...train.precision import device as pick_device
-from ...train.precision import resolve_precision
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns
+from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
 from ..text import model as text_model
 from . import data, model
 
@@ -50,8 +48,7 @@ def encode_reference(recipe, bundle, frame, spec):
 
 def predict_file(model_dir: Path, meta: dict, input_path: Path, batch_size: int):
     """INPUT is a folder of images (searched recursively) or a table with the run's image column."""
-    dev = pick_device()
-    precision = resolve_precision(meta.get("precision", "auto"), dev)
+    dev, precision = saved_device_and_precision(meta)
     if not input_path.exists():
         raise DataError(f"INPUT: {input_path} not found; give an image folder or a CSV of image paths")
     if input_path.is_dir():

@@ -12,10 +12,8 @@ from ...data.preprocess import fit_preprocessor
 from ...errors import DataError, RecipeError
 from ...models.load import ModelBundle, load_saved, relabel, run_model_dir
 from ...models.mlp import build_mlp
-from ...train.precision import device as pick_device
-from ...train.precision import resolve_precision
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns
+from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
 from ..text import model as text_model
 from . import data, model
 
@@ -67,8 +65,7 @@ def encode_reference(recipe, bundle, frame, spec):
 def predict_file(model_dir: Path, meta: dict, input_path: Path, batch_size: int):
     """Predictions for a table with every feature column the model was trained on."""
     frame = read_table(input_path, "INPUT")
-    dev = pick_device()
-    precision = resolve_precision(meta.get("precision", "auto"), dev)
+    dev, precision = saved_device_and_precision(meta)
     bundle = load_saved(model_dir)
     missing = [c for c in bundle.preprocessor.columns if c not in frame.columns]
     if missing:

@@ -8,10 +8,8 @@ from ...data.load import read_table
 from ...errors import DataError, RecipeError
 from ...models.load import load_pretrained, load_saved
 from ...serve.schemas import ClassifierRequest
-from ...train.precision import device as pick_device
-from ...train.precision import resolve_precision
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns
+from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
 from . import data, model
 
 
@@ -38,9 +36,7 @@ def encode_reference(recipe, bundle, frame, spec):
 def predict_file(model_dir: Path, meta: dict, input_path: Path, batch_size: int):
     """Predictions for a table with the run's text column."""
     frame = read_table(input_path, "INPUT")
-    dev = pick_device()
-    # the precision the run was evaluated in, so predictions match predictions.csv
-    precision = resolve_precision(meta.get("precision", "auto"), dev)
+    dev, precision = saved_device_and_precision(meta)
     column = meta.get("text_column", "text")
     if column not in frame.columns:
         raise DataError(f"INPUT: column '{column}' not found in {Path(input_path).name} (columns: {', '.join(map(str, frame.columns[:30]))}); the model was trained on '{column}'")
