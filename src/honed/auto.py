@@ -23,8 +23,8 @@ AUTO_HEAD_LR = 1e-2  # on standardised features
 FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
 
 
-def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
-    """Fill every `auto` with its value for this model family, method and data size."""
+def resolve_rates(recipe: Recipe, family: str) -> Recipe:
+    """Fill the `auto` learning rates and batch size (what the memory check needs before any data is encoded)."""
     t = recipe.train
     if t.lr == "auto":
         t.lr = AUTO_HEAD_LR if recipe.method == "head" else AUTO_LR[(family, recipe.method)]
@@ -32,16 +32,35 @@ def resolve_auto(recipe: Recipe, family: str, n_train: int) -> Recipe:
         t.head_lr = AUTO_HEAD_LR
     if t.batch_size == "auto":
         t.batch_size = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}.get(family, 16)
-    per_epoch = math.ceil(n_train / t.batch_size / t.grad_accumulation)
-    if t.epochs == "auto" and family == "ts-forecast":
+    return recipe
+
+
+def resolve_auto(recipe: Recipe, family: str, n_train: int, batches_per_epoch: int | None = None) -> Recipe:
+    """Fill every `auto` with its value for this model family, method and data size.
+
+    batches_per_epoch: the training plan's length when the task knows it (packed chat rows are
+    fewer than conversations); otherwise one batch per train.batch_size examples. train.max_steps
+    and train.epochs are resolved together: a step bound with `epochs: auto` runs as many epochs as
+    it takes, and without a bound max_steps is every epoch's steps.
+    """
+    resolve_rates(recipe, family)
+    t = recipe.train
+    batches = batches_per_epoch if batches_per_epoch is not None else math.ceil(n_train / t.batch_size)
+    per_epoch = max(1, math.ceil(batches / t.grad_accumulation))
+    bounded = t.max_steps is not None
+    if t.epochs == "auto" and t.max_steps is not None:
+        t.epochs = math.ceil(t.max_steps / per_epoch)
+    elif t.epochs == "auto" and family == "ts-forecast":
         # a small forecaster trained from few windows needs a few hundred steps whatever the data size
         t.epochs = min(200, max(10, math.ceil(FORECAST_STEPS / per_epoch)))
     elif t.epochs == "auto":
         # small data needs more passes; early stopping ends runs that stop improving
         t.epochs = 10 if n_train < 2000 else 5 if n_train < 20000 else 3
+    t.max_steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
     if t.eval_every == "auto" and family == "ts-forecast":
         # about 20 evaluations per run: a handful of windows per epoch would otherwise stop early in the warm-up
         t.eval_every = max(per_epoch, per_epoch * t.epochs // 20)
     elif t.eval_every == "auto":
-        t.eval_every = max(1, per_epoch // 2)
+        # twice an epoch, and at least 4 times in a run the user bounded by max_steps
+        t.eval_every = max(1, min(per_epoch // 2, t.max_steps // 4) if bounded else per_epoch // 2)
     return recipe

@@ -86,6 +86,14 @@ class LoraSpec(Strict):
     keep_adapter: bool = False  # also save the unmerged adapter beside the merged model
 
 
+class QloraSpec(Strict):
+    """method: qlora: the frozen base weights quantised by bitsandbytes; the adapters come from `lora:`."""
+
+    bits: Literal[4, 8] = 4  # 4: NF4 (QLoRA, Dettmers et al. 2023); 8: LLM.int8
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
+    double_quant: bool = True  # 4-bit only: quantise the quantisation constants too (~0.4 bit/param saved)
+
+
 class FreezeSpec(Strict):
     layers: int | Literal["half"] = "half"  # lowest N transformer layers (plus embeddings)
 
@@ -107,6 +115,10 @@ class TrainSpec(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accumulation: int = Field(1, ge=1)
     eval_every: int | Literal["auto"] = "auto"
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (resolved with epochs in recipe.yaml)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on only when the run would not fit in memory without it
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun: auto = fsdp when one device cannot hold the run
+    offload: bool = False  # fsdp: keep parameters, gradients and optimizer state in CPU memory between uses
     patience: int | None = Field(3, ge=1)
     group_by_length: bool = True
     threads: int | Literal["auto"] = "auto"
@@ -170,8 +182,11 @@ class Recipe(Strict):
     task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat"] = "text-classification"
     model: str | MLPSpec | SeriesModelSpec
     data: DataSpec
-    method: Literal["full", "head", "freeze", "lora", "lp-ft"] = "full"
+    method: Literal["full", "head", "freeze", "lora", "qlora", "lp-ft"] = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    qlora: QloraSpec = Field(default_factory=QloraSpec)
+    # Hugging Face models: attn_implementation; auto = flash_attention_2 on CUDA when installed, else sdpa
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
     l2sp: L2SPSpec | None = None
     replay: ReplaySpec | None = None
@@ -392,4 +407,5 @@ def features_key(recipe: Recipe, precision: str) -> str:
     """What the encoded splits and the pre-trained features depend on; none of it is a training hyperparameter."""
     model = recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(mode="json")
     return json.dumps({"task": recipe.task, "model": model, "data": recipe.data.model_dump(mode="json"),
-                       "seed": main_seed(recipe), "precision": precision}, sort_keys=True)
+                       "seed": main_seed(recipe), "precision": precision, "attention": recipe.attention,
+                       "quantised": recipe.qlora.model_dump() if recipe.method == "qlora" else None}, sort_keys=True)

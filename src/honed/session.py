@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import track
-from .auto import resolve_auto
+from .auto import resolve_auto, resolve_rates
 from .errors import RecipeError
 from .hooks import Hooks
 from .memory import check_memory, estimate_training_memory
@@ -101,7 +101,7 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     dev = pick_device()
     task = TASKS[recipe.task]
     bundle = task.load_model(recipe, splits)
-    resolve_auto(recipe, bundle.family, len(splits.train))
+    resolve_rates(recipe, bundle.family)
     precision = resolve_precision(recipe.train.precision, dev)
     memory = memory_estimate(recipe, task, bundle, precision)
     check_memory(memory, dev, recipe.method, recipe.train.batch_size)
@@ -118,6 +118,9 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
             cache[key] = (encoded, features)
     else:
         encoded, features = cached
+    # epochs, max_steps and eval_every count the training plan's batches (packed chat rows, not conversations)
+    plan = task.batches(encoded["train"], recipe, seed, bundle.pad_id).plan(0)
+    resolve_auto(recipe, bundle.family, len(splits.train), len(plan))
     g = torch.Generator().manual_seed(seed)
     # the gap needs the training score only as precisely as the validation score it is compared with
     train_eval_rows = min(TRAIN_EVAL_ROWS, max(256, len(encoded["validation"])))

@@ -36,6 +36,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     grad_accumulation: int = 1
     eval_every: int = 50
+    max_steps: int | None = None  # stop after this many optimizer steps, even mid-epoch
     patience: int | None = 3
     precision: str = "fp32"
     primary: str = "accuracy"  # key of the evaluation dict; higher is better
@@ -151,6 +152,11 @@ def allocate_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def planned_steps(per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a stage: every epoch's, or max_steps when that comes first."""
+    return per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
+
+
 def linear_schedule(optimizer, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -199,7 +205,7 @@ def train(
         hooks.on_train_start(cfg.stage)
     optimizer = make_optimizer(model, cfg)
     per_epoch = math.ceil(len(batches.plan(0)) / cfg.grad_accumulation)
-    total = per_epoch * cfg.epochs
+    total = planned_steps(per_epoch, cfg.epochs, cfg.max_steps)
     scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
     s = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
          "history": [], "loss_sum": 0.0, "loss_count": 0, "samples": 0, "interval_samples": 0,
@@ -261,7 +267,7 @@ def train(
     interval_start = time.perf_counter()
     step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
     with interrupt_flag() as interrupted, keep_freed_memory(cfg.device):
-        while s["epoch"] < cfg.epochs and not s["stopped_early"]:
+        while s["epoch"] < cfg.epochs and not s["stopped_early"] and s["step"] < total:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
                 threads = fit_threads(cfg.precision, cfg.device)
@@ -338,7 +344,7 @@ def train(
                     s["train_seconds"] += time.perf_counter() - interval_start
                     save_checkpoint()
                     raise TrainingInterrupted("training interrupted; a checkpoint was saved")
-                if s["stopped_early"]:
+                if s["stopped_early"] or last:
                     break
             if not s["stopped_early"]:
                 s["epoch"] += 1
