@@ -222,4 +222,4 @@ def test_freeze_without_packing_or_reference(tmp_path, tiny_llama, capsys):
 def test_head_method_is_refused(tmp_path, tiny_llama, capsys):
     train = write_conversations(tmp_path / "train.jsonl", 30, 0)
     code, out, err = cli(["run", write_chat_recipe(tmp_path, tiny_llama, train, method="head")], capsys)
-    assert code == 2 and "lora, full or freeze" in err
+    assert code == 2 and "lora, qlora, full or freeze" in err

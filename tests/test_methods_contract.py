@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import honed
 from honed.models.load import load_saved
 
-METHODS = ["full", "head", "freeze", "lora", "lp-ft"]
+METHODS = ["full", "head", "freeze", "lora", "qlora", "lp-ft"]
 RUN_FILES = ["recipe.yaml", "metrics.json", "history.jsonl", "audit.json", "predictions.csv", "model/honed.json"]
 
 
@@ -66,7 +66,7 @@ def assert_trained_as_method(method, changed, head, embed, layer0, lora_embed) -
         assert changed and changed <= head
     elif method == "freeze":
         assert not (changed & (embed | layer0)) and changed - head
-    elif method == "lora":
+    elif method in ("lora", "qlora"):  # qlora: the dequantised base differs from the original by the 4-bit rounding too
         assert changed - head and not (changed & embed - lora_embed)
     else:
         assert changed & embed and changed & layer0

@@ -8,14 +8,14 @@ import math
 from .recipe import Recipe
 
 AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
-    ("hf", "full"): 3e-5, ("hf", "freeze"): 5e-5, ("hf", "lora"): 2e-4, ("hf", "lp-ft"): 2e-5,
+    ("hf", "full"): 3e-5, ("hf", "freeze"): 5e-5, ("hf", "lora"): 2e-4, ("hf", "qlora"): 2e-4, ("hf", "lp-ft"): 2e-5,
     # WordLlama is an embedding table with no transformer layers: it tolerates far larger steps
     ("wordllama", "full"): 2e-3, ("wordllama", "freeze"): 2e-3, ("wordllama", "lora"): 5e-3, ("wordllama", "lp-ft"): 1e-3,
     ("hf-image", "full"): 5e-5, ("hf-image", "freeze"): 5e-5, ("hf-image", "lora"): 2e-4, ("hf-image", "lp-ft"): 3e-5,
     # small tabular MLPs: Adam's usual 1e-3
     ("mlp", "full"): 1e-3, ("mlp", "freeze"): 1e-3, ("mlp", "lora"): 3e-3, ("mlp", "lp-ft"): 1e-3,
     # causal LMs (task: chat): instruction-tuning defaults
-    ("causal-lm", "full"): 2e-5, ("causal-lm", "freeze"): 3e-5, ("causal-lm", "lora"): 2e-4,
+    ("causal-lm", "full"): 2e-5, ("causal-lm", "freeze"): 3e-5, ("causal-lm", "lora"): 2e-4, ("causal-lm", "qlora"): 2e-4,
     # small PatchTST/PatchTSMixer forecasters (tens of thousands of weights): Adam's usual 1e-3
     ("ts-forecast", "full"): 3e-3, ("ts-forecast", "freeze"): 3e-3, ("ts-forecast", "lora"): 1e-2, ("ts-forecast", "lp-ft"): 1e-3,
 }

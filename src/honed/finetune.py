@@ -9,13 +9,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .data.batching import shuffled_plan
 from .hooks import Hooks
-from .methods import METHODS
+from .methods import METHODS, checkpointing
+from .methods.lora import save_adapter
 from .models.capture import head_inputs
 from .models.load import logits_of, scratch_copy
 from .recipe import main_seed
@@ -47,13 +49,14 @@ class FineTuner:
     def fine_tune(self, seed: int, train_idx: torch.Tensor | None = None, checkpointer: Checkpointer | None = None,
                   progress=None, on_history=None, model: torch.nn.Module | None = None,
                   group: distributed.Group | None = None, method: str | None = None,
-                  hooks: Hooks | None = None) -> tuple[torch.nn.Module, list[Outcome], list[dict]]:
+                  hooks: Hooks | None = None, adapter_dir: Path | None = None) -> tuple[torch.nn.Module, list[Outcome], list[dict]]:
         """Train a model with the recipe's method; returns (model, outcomes, history).
 
         model: the module to train in place (the run's own fine-tune); without it, a fresh copy of
         the pre-trained model. train_idx restricts training to a subset (the learning curve); the
         validation split is always the same. group: the processes sharing this fine-tune; hooks:
-        observers of its training loops (the run passes them for its own fine-tune only).
+        observers of its training loops (the run passes them for its own fine-tune only). adapter_dir:
+        where the trained adapter is saved on its own, when the method keeps one (the run's fine-tune).
         """
         s = self.session
         recipe, task = s.recipe, s.task
@@ -82,11 +85,15 @@ class FineTuner:
                 outcome = self._train_model(bundle, model, train_split, task.subset(train_split, eval_pool), seed, checkpointer,
                                             progress, on_eval, group, hooks, stage="head", lr=recipe.train.head_lr)
             else:
+                if recipe.train.gradient_checkpointing is True:  # `auto` was resolved by the memory check (session.setup)
+                    checkpointing.enable(model, method or recipe.method)
                 model = spec["prepare"](model, bundle, recipe)
                 outcome = self._train_model(bundle, model, train_split, task.subset(train_split, eval_pool), seed, checkpointer,
                                             progress, on_eval, group, hooks)
             history[:] = previous + outcome.history
             outcomes.append(outcome)
+        if adapter_dir is not None and spec["adapter"] is not None and spec["adapter"](recipe):
+            save_adapter(model, adapter_dir)
         if spec["export"] is not None:
             model = spec["export"](model)
         return model, outcomes, history

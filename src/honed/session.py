@@ -16,6 +16,7 @@ from . import track
 from .auto import resolve_auto, resolve_rates
 from .errors import RecipeError
 from .hooks import Hooks
+from .methods import METHODS
 from .memory import check_memory, estimate_training_memory
 from .models.load import ModelBundle
 from .recipe import Recipe, features_key, load_recipe, main_seed
@@ -77,6 +78,9 @@ def prepare(source, overrides=None) -> tuple[Recipe, object]:
     if recipe.method not in task.methods:
         allowed = ", ".join(task.methods[:-1]) + " or " + task.methods[-1]
         raise RecipeError(f"method: {recipe.task} fine-tunes with {allowed}; got {recipe.method!r}")
+    method_check = METHODS[recipe.method]["check"]
+    if method_check is not None:
+        method_check(recipe)
     splits = task.load_splits(recipe)
     if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
         raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")

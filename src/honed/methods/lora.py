@@ -4,6 +4,10 @@ The head trains in full. On export the adapters are merged into the weights, so 
 model is a plain checkpoint its own library loads; `lora.keep_adapter` also keeps the adapter.
 """
 
+import os
+import shutil
+from pathlib import Path
+
 from torch import nn
 
 
@@ -39,3 +43,19 @@ def apply(model: nn.Module, bundle, recipe) -> nn.Module:
 def export(model: nn.Module) -> nn.Module:
     """Merge the adapters into the base weights and return the plain model."""
     return model.merge_and_unload()
+
+
+def keeps_adapter(recipe) -> bool:
+    return recipe.lora.keep_adapter
+
+
+def save_adapter(model: nn.Module, folder: Path) -> None:
+    """The trained adapter alone, in PEFT's format (adapter_config.json names the base model), written
+    beside its final place and renamed into it, so a kill never leaves half an adapter."""
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial), safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)

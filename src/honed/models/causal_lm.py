@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import RecipeError
 from .bundle import HONED_MODEL_FILE, ModelBundle, read_model_meta, run_model_dir
 from .hf import hf_config, hf_tokenizer, quiet_transformers, reload_hf_dir
+from .quantise import attention_kwargs, is_quantised, load_settings
 
 FAMILY = "causal-lm"
 
@@ -75,10 +76,12 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
     resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust,
-                                                     use_safetensors=None if allow_pickle else True)
+                                                     use_safetensors=None if allow_pickle else True,
+                                                     **attention_kwargs(recipe), **load_settings(recipe))
     except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise RecipeError(f"model: {source} could not be loaded as a causal language model ({str(exc).splitlines()[0][:240]})") from None
-    model.float()
+    if not is_quantised(model):
+        model.float()
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return _bundle(model, tokenizer, source)

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import RecipeError
 from .bundle import ModelBundle, clip_texts, find_head_name
 from .hf import hf_config, hf_tokenizer, reload_hf_dir
+from .quantise import CLASSIFIER_HEADS, attention_kwargs, is_quantised, load_settings
 
 FAMILY = "hf"
 
@@ -46,7 +47,8 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, trust_remote_code=trust, use_safetensors=None if allow_pickle else True,
-            ignore_mismatched_sizes=True, output_loading_info=True,
+            ignore_mismatched_sizes=True, output_loading_info=True, **attention_kwargs(recipe),
+            **load_settings(recipe, skip=CLASSIFIER_HEADS),
         )
     except ValueError as exc:
         first = str(exc).splitlines()[0][:240]
@@ -54,7 +56,8 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
         first = str(exc).splitlines()[0][:240]
         raise RecipeError(f"model: the weights in {source} could not be loaded ({first})") from None
-    model.float()
+    if not is_quantised(model):
+        model.float()
     head = find_head_name(model, len(labels))
     _refuse_mismatched(source, info.get("mismatched_keys", []), head)
     return ModelBundle(FAMILY, model, _hf_encoder(tokenizer), tokenizer.pad_token_id, head, labels, source, tokenizer)

@@ -30,12 +30,19 @@ class TabularMLP(nn.Module):
         self.body = nn.Sequential(*blocks)
         self.classifier = nn.Linear(width, out_dim)
         self.regression = regression
+        self.checkpointed = False  # train.gradient_checkpointing: recompute each layer in the backward pass
         self.register_buffer("target_mean", torch.tensor(0.0))
         self.register_buffer("target_std", torch.tensor(1.0))
         self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "dropout": dropout, "regression": regression}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.classifier(self.body(x))
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint_sequential
+
+            hidden = checkpoint_sequential(self.body, max(1, len(self.body) // 3), x, use_reentrant=False)
+        else:
+            hidden = self.body(x)
+        out = self.classifier(hidden)
         if self.regression:
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out

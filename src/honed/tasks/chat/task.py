@@ -16,6 +16,7 @@ from ...guards.forgetting import forgetting_guard, linear_cka
 from ...guards.overfit import overfitting_guard
 from ...guards.status import guard_result
 from ...models.causal_lm import load_causal_lm, lora_targets
+from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ChatRequest
 from .. import labelled
 from ..base import Reference, Task, refuse_series_model, saved_columns
@@ -41,6 +42,8 @@ def audit(recipe, splits, bundle=None, encoded=None) -> dict:
 
 def load_model(recipe, splits):
     bundle = load_causal_lm(recipe.model, recipe)
+    if recipe.method == "qlora":
+        refuse_unquantised(bundle.model, recipe.model)
     if recipe.lora.target_modules is None:  # resolved like every `auto`: the blocks' projections; lm_head stays out
         recipe.lora.target_modules = lora_targets(bundle.model, bundle.head_name)
     return bundle
@@ -158,7 +161,7 @@ TASK = Task(
     primary=model.PRIMARY,
     lower_is_better=frozenset({"loss", "perplexity"}),
     default_family="causal-lm",
-    methods=("lora", "full", "freeze"),
+    methods=("lora", "qlora", "full", "freeze"),
     check_recipe=check_recipe,
     load_splits=lambda recipe: data.load_chat_splits(recipe, recipe.train.seed),
     audit=audit,

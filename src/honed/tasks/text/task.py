@@ -7,6 +7,7 @@ from pathlib import Path
 from ...data.load import read_table
 from ...errors import DataError, RecipeError
 from ...models.load import load_pretrained, load_saved
+from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ClassifierRequest
 from .. import labelled
 from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
@@ -17,6 +18,16 @@ def check_recipe(recipe) -> None:
     refuse_series_model(recipe)
     if not isinstance(recipe.model, str):
         raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
+    if recipe.method == "qlora" and recipe.model == "wordllama":
+        raise RecipeError("method: qlora quantises a transformers model's linear layers; wordllama is an embedding table with none "
+                          "(use method: lora or full)")
+
+
+def load_model(recipe, splits):
+    bundle = load_pretrained(recipe.model, splits.labels, recipe)
+    if recipe.method == "qlora":
+        refuse_unquantised(bundle.model, recipe.model)
+    return bundle
 
 
 def audit(recipe, splits, bundle=None, encoded=None) -> dict:
@@ -52,11 +63,11 @@ TASK = Task(
     primary="accuracy",
     lower_is_better=frozenset({"loss"}),
     default_family="hf",
-    methods=("full", "head", "freeze", "lora", "lp-ft"),
+    methods=("full", "head", "freeze", "lora", "qlora", "lp-ft"),
     check_recipe=check_recipe,
     load_splits=lambda recipe: data.load_text_splits(recipe.data, recipe.train.seed),
     audit=audit,
-    load_model=lambda recipe, splits: load_pretrained(recipe.model, splits.labels, recipe),
+    load_model=load_model,
     sequence_length=lambda recipe, module: recipe.data.max_length,
     encode=encode,
     subset=model.subset,

@@ -1,0 +1,97 @@
+"""What `from_pretrained` is asked besides the checkpoint: the attention kernel (`attention`) and,
+for `method: qlora`, bitsandbytes quantisation of the frozen base weights at load time, so the
+full-precision weights are never in memory.
+
+Quantised: every nn.Linear outside the classification head (transformers keeps the output
+embeddings of a causal LM in full precision itself); 4-bit NF4 with double quantisation by
+default, compute dtype bf16 under `train.precision: bf16`, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+from ..errors import RecipeError
+
+# a sequence classifier's new head trains in full precision: these are the head names transformers' classifiers use
+CLASSIFIER_HEADS = ["classifier", "score", "out_proj", "pooler"]
+
+
+def attention_kwargs(recipe) -> dict:
+    """attn_implementation for from_pretrained; with `auto` transformers' own choice (SDPA where the
+    architecture has it), or FlashAttention-2 on CUDA when the flash_attn package is installed."""
+    choice = getattr(recipe, "attention", "auto") if recipe is not None else "auto"
+    if choice == "auto":
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            return {"attn_implementation": "flash_attention_2"}
+        return {}
+    if choice == "flash_attention_2" and (not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None):
+        raise RecipeError("attention: flash_attention_2 needs a CUDA device and the flash-attn package "
+                          f"({'no CUDA device here' if not torch.cuda.is_available() else 'flash_attn is not installed'}); "
+                          "use attention: auto or sdpa")
+    return {"attn_implementation": choice}
+
+
+def check_bitsandbytes(device: torch.device) -> None:
+    """Refuse, in one line, when bitsandbytes is missing or has no kernel for this device."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("method: qlora needs bitsandbytes, which is not installed; pip install 'honed[qlora]' "
+                          "(or use method: lora)")
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        probe = torch.randn(64, 64, device=device)
+        packed, state = bnb_functional.quantize_4bit(probe, quant_type="nf4")
+        error = (bnb_functional.dequantize_4bit(packed, state) - probe).abs().max().item()
+        if not error < 1.0:  # NF4 rounds a unit normal by ~0.2 at most: anything else is a broken kernel
+            raise RuntimeError(f"a 4-bit round trip is off by {error:.3g}")
+    except Exception as exc:  # an import error of its native library, or no kernel for this device
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise RecipeError(f"method: qlora: bitsandbytes has no 4-bit kernel for the {device.type} device here ({first}); "
+                          "use method: lora, or a device bitsandbytes supports") from None
+
+
+def quantisation_kwargs(recipe, precision: str, device: torch.device, skip: list[str] | None = None) -> dict:
+    """quantization_config (and device_map) for `method: qlora`; empty for every other method."""
+    if recipe is None or recipe.method != "qlora":
+        return {}
+    check_bitsandbytes(device)
+    from transformers import BitsAndBytesConfig
+
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer per step otherwise
+    spec = recipe.qlora
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    if spec.bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, bnb_4bit_use_double_quant=spec.double_quant,
+                                    bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+    return {"quantization_config": config, "device_map": device_map}
+
+
+def load_settings(recipe, skip: list[str] | None = None) -> dict:
+    """quantisation_kwargs for the device and precision this run will train on."""
+    if recipe is None or recipe.method != "qlora":
+        return {}
+    from ..train.precision import device as pick_device
+    from ..train.precision import resolve_precision
+
+    dev = pick_device()
+    return quantisation_kwargs(recipe, resolve_precision(recipe.train.precision, dev), dev, skip)
+
+
+def is_quantised(model) -> bool:
+    """True for a model loaded with bitsandbytes (its dtype cannot be changed with .float())."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "quantization_method", None))
+
+
+def refuse_unquantised(model, source: str) -> None:
+    """method: qlora on a model that loaded in full precision (a honed run's model folder) would silently be LoRA."""
+    if not is_quantised(model):
+        raise RecipeError(f"method: qlora: {source} is a honed run directory, which reloads in full precision; point model: at "
+                          "its model/ folder (a Hugging Face checkpoint) to quantise it, or use method: lora")
