@@ -356,8 +356,33 @@ def predict_conversations(model_dir: Path, meta: dict, input_path: Path, max_tok
     return out
 
 
+@torch.no_grad()
 def generations(model, tokenizer, conversations: list[list[dict]], device) -> list[str]:
-    return [generate_reply(model, tokenizer, prompt_of(m), GENERATION_TOKENS, 0.0, device) for m in conversations]
+    """Greedy replies to the prompts of a few conversations, decoded together in one left-padded
+    batch: one pass over the weights per new token for all of them, not one per prompt (at 478 M
+    parameters on a CPU the weights' reads dominate each step)."""
+    if not conversations:
+        return []
+    texts = [tokenizer.apply_chat_template(prompt_of(m), tokenize=False, add_generation_prompt=True) for m in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_tokens = GENERATION_TOKENS if limit is None else min(GENERATION_TOKENS, limit - ids.shape[1])
+    if max_tokens <= 0:
+        return ["" for _ in conversations]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_tokens), do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
 def write_predictions(path: Path, frame, stats: torch.Tensor) -> None:
