@@ -193,16 +193,30 @@ def _forward(model: nn.Module, batch: dict, hidden: bool = False):
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood of position t+1 from position t, and the mask of scored tokens."""
-    logits, targets = logits[:, :-1].float(), targets[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return nll.view(targets.shape), targets != IGNORE
+    """Per-token negative log-likelihood of position t+1 from position t, and the mask of scored tokens.
+
+    The targets shift left instead of the logits: slicing off the logits' last position would copy
+    all batch × length × vocabulary of them (hundreds of MB with a real vocabulary)."""
+    shifted = torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], IGNORE)], dim=1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return nll.view(shifted.shape)[:, :-1], targets[:, 1:] != IGNORE
 
 
 def loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood over the assistant tokens of the batch."""
     nll, scored = _token_nll(_forward(model, batch).logits, batch["targets"])
     return (nll * scored).sum() / scored.sum().clamp(min=1)
+
+
+EVAL_LOGITS_BYTES = 512 * 1024 * 1024  # an evaluation batch's logits and their log-softmax stay within this
+
+
+def eval_rows(model: nn.Module, split: EncodedChat, batch_size: int) -> int:
+    """Rows per evaluation batch: batch_size, fewer when the vocabulary makes the logits of that many
+    rows large (32 rows × 256 tokens × a 32k vocabulary is 1 GB of fp32 logits, held about three times)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(out, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    return max(1, min(batch_size, EVAL_LOGITS_BYTES // (3 * 4 * max(1, split.max_length) * vocab)))
 
 
 def _eval_batches(split: EncodedChat, pad_id: int, batch_size: int):
@@ -220,7 +234,7 @@ def predict(model: nn.Module, split: EncodedChat, pad_id: int, batch_size: int, 
     out = torch.zeros(len(split), 3)
     try:
         with autocast(precision, device):
-            for idx, batch in _eval_batches(split, pad_id, batch_size):
+            for idx, batch in _eval_batches(split, pad_id, eval_rows(model, split, batch_size)):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = _forward(model, batch).logits
                 nll, scored = _token_nll(logits, batch["targets"])
@@ -252,7 +266,7 @@ def hidden_features(model: nn.Module, split: EncodedChat, pad_id: int, batch_siz
     out = None
     try:
         with autocast(precision, device):
-            for idx, batch in _eval_batches(split, pad_id, batch_size):
+            for idx, batch in _eval_batches(split, pad_id, eval_rows(model, split, batch_size)):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = _forward(model, batch, hidden=True).hidden_states[-1].float()
                 real = (torch.arange(hidden.shape[1], device=device)[None, :] < split.lengths[idx].to(device)[:, None]).float()
