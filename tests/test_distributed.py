@@ -1,5 +1,6 @@
-"""Two processes (gloo, CPU) under torchrun and accelerate launch: the same result as one process
-with the same global batch, and a killed distributed run resumes to the uninterrupted result."""
+"""Two DDP processes (gloo, CPU) under torchrun and accelerate launch: the same result as one process
+with the same global batch, and a killed distributed run resumes to the uninterrupted result.
+(FSDP2: tests/test_fsdp.py.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from helpers import build_tiny_bert, make_texts, write_recipe
 from reliability.harness import final_state
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-# Stated tolerance: the two processes sum the gradient halves in another order than one process
+# Stated tolerance: DDP's all-reduce sums the gradient halves in another order than one process
 # sums the whole batch; in fp32 without dropout that moves weights by float rounding only.
 WEIGHT_TOLERANCE = 1e-3
 LOSS_TOLERANCE = 1e-4
@@ -59,8 +60,8 @@ def kill_job(proc: subprocess.Popen) -> None:
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker survived the kill"
 
 
-def single(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "honed", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+def single(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "honed", *map(str, args)], env=env or ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -159,9 +160,10 @@ def test_sigterm_stops_every_process_at_the_same_step_and_resume_finishes(setup_
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] > 0.9
 
 
-def test_sharded_accelerate_configs_are_refused_with_a_clear_message(setup_dir):
-    proc = subprocess.run([sys.executable, "-m", "honed", "run", setup_dir / "recipe.yaml", "--out", setup_dir / "fsdp"],
-                          env={**ENV, "ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
+def test_deepspeed_accelerate_configs_are_refused_naming_fsdp(setup_dir):
+    proc = subprocess.run([sys.executable, "-m", "honed", "run", setup_dir / "recipe.yaml", "--out", setup_dir / "deepspeed"],
+                          env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "FSDP" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (setup_dir / "fsdp").exists()
+    assert "DeepSpeed" in proc.stderr and "train.distributed: fsdp" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (setup_dir / "deepspeed").exists()

@@ -22,6 +22,7 @@ from .guards import data_curve
 from .guards.bias import group_representation
 from .guards.status import skipped
 from .hooks import Hooks
+from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
 from .recipe import Recipe, main_seed
@@ -68,7 +69,8 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
 
     Started by `torchrun` or `accelerate launch`, every process runs this function: they share
     the main fine-tune (train/distributed.py); rank 0 alone writes the run directory and measures
-    the guards, and the other processes return a RunResult with empty metrics once training ends.
+    the guards, and the other processes return a RunResult with empty metrics once training ends
+    (under FSDP, training ends by gathering the trained weights into rank 0's model).
     """
     started = time.time()
     group = distributed.join()
@@ -94,10 +96,12 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     main = group is None or group.main
     show_progress = show_progress and main
     recipe, splits = prepare(source, overrides)
+    distributed.check_launch(recipe.train.distributed, recipe.train.offload, group)
     run_dir = resolve_run_dir(recipe, source, out)
     check_run_dir(run_dir, resume, overwrite)  # before anything is loaded: refuse what would lose work
     threads = set_threads(recipe.train.threads)
     session = setup(recipe, splits, cache, hooks)
+    choose_engine(session, group)
     audit = run_audit(session)
     if main:
         open_run_dir(run_dir, recipe, audit, resume, overwrite)
@@ -144,6 +148,15 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
 
 # --------------------------------------------------------------------------- stages
 
+def choose_engine(session: Session, group) -> None:
+    """DDP or FSDP for a distributed run (train.distributed; auto: FSDP when one device cannot hold
+    the weights, gradients and optimizer state)."""
+    estimate = session.memory_estimate
+    needed = estimate.get("weights_mb", 0) + estimate.get("gradients_mb", 0) + estimate.get("optimizer_mb", 0)
+    train = session.recipe.train
+    distributed.choose_engine(train.distributed, train.offload, group, needed, available_mb(session.device) if group else 0.0)
+
+
 def resolve_run_dir(recipe: Recipe, source, out) -> Path:
     """--out wins over the recipe's `out`; the absolute path is written back as the resolved `out`."""
     if out is not None:
@@ -188,7 +201,8 @@ def fine_tune_in_place(session: Session, tuner: FineTuner, run_dir: Path, seed: 
 
     model, outcomes, history = tuner.fine_tune(seed, checkpointer=Checkpointer(run_dir / "checkpoints"),
                                                progress=TrainingProgress(enabled=show_progress), on_history=on_history,
-                                               model=session.bundle.model, group=group, hooks=hooks)
+                                               model=session.bundle.model, group=group, hooks=hooks,
+                                               adapter_dir=run_dir / "adapter" if group is None or group.main else None)
     return Trained(model, outcomes, history)
 
 
@@ -238,12 +252,18 @@ def assemble_metrics(session: Session, model, trained: Trained, before: dict, te
         "run": {"run_dir": str(run_dir), "method": recipe.method,
                 "model": recipe.model if isinstance(recipe.model, str) else recipe.model.model_dump(),
                 "steps": sum(o.steps for o in trained.outcomes), "stopped_early": any(o.stopped_early for o in trained.outcomes),
-                "seed": main_seed(recipe)},
+                "seed": main_seed(recipe), **distributed_figures(trained)},
         **extra,
     }
     if guards["overfitting"]["details"].get("seeds"):
         guards["overfitting"]["details"]["seeds"] = {str(k): v for k, v in seeds.items()}
     return metrics
+
+
+def distributed_figures(trained: Trained) -> dict:
+    """FSDP: each process's local parameter and optimizer-state sizes (metrics.json run.shards)."""
+    shards = [o.shards for o in trained.outcomes if o.shards is not None]
+    return {"shards": shards[-1]} if shards else {}
 
 
 def peak_rss_mb() -> float:

@@ -3,6 +3,12 @@
 Each checkpoint is a folder written under a temporary name, fsynced, then renamed; a
 pointer file (LATEST) written the same way names the newest complete one. A kill leaves
 either the old pointer and old folder, or the new ones: never a partial checkpoint.
+
+Two layouts share that commit. Plain (one process, DDP): rank 0 writes `weights.safetensors`
+(with `buffers` and `best` where there are any), `state.pt` (optimizer, scheduler, every
+process's RNG) and `state.json` (the loop's position). Sharded (FSDP): `sharded/` is a
+torch.distributed.checkpoint folder that every process writes its own file into (rank 0 adds
+`.metadata`) before rank 0 writes `state.pt` (scheduler, RNG) and `state.json` and commits.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import HonedError
+from . import distributed
 from ..fileio import fault, free_space, fsync_dir, fsync_file, write_advice, write_atomic, write_error_reason, write_failure, write_safetensors_atomic
 
 POINTER = "LATEST"
+SHARDS = "sharded"  # the torch.distributed.checkpoint folder of the sharded layout
 
 
 def rng_state() -> dict:
@@ -55,6 +63,7 @@ class Checkpointer:
     """
 
     REQUIRED = ("state.json", "state.pt", "weights.safetensors")
+    REQUIRED_SHARDED = ("state.json", "state.pt", f"{SHARDS}/.metadata")
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -72,14 +81,9 @@ class Checkpointer:
         """
         # a fresh name each time, so the folder the pointer names is never replaced in place
         name = f"{stage}-{step:08d}-{time.time_ns()}"
-        final = self.root / name
-        tmp = self.root / f".{name}.partial"
-        previous = self.latest_name(stage)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+        tmp, previous = self._begin(name, stage)
+
+        def write():
             for group, group_tensors in tensors.items():
                 path = tmp / f"{group}.safetensors"
                 save_file({k: v.detach().contiguous().cpu() for k, v in group_tensors.items()}, str(path))
@@ -91,6 +95,60 @@ class Checkpointer:
                 except OSError:
                     shutil.copyfile(source, path)
                     fsync_file(path)
+
+        self._guarded(name, stage, previous, write)
+        return self._commit(name, stage, previous, state, objects)
+
+    def save_sharded(self, stage: str, step: int, write_shards, state: dict, objects: dict,
+                     group: distributed.Group | None) -> Path | None:
+        """The sharded layout: every process calls this; write_shards(folder) is collective (dcp.save).
+
+        Rank 0 names the folder and, once every process's shard is written, commits it as save()
+        does; returns the folder on rank 0, None elsewhere.
+        """
+        name = distributed.broadcast(f"{stage}-{step:08d}-{time.time_ns()}", group)
+        main = group is None or group.main
+        tmp, previous = self._begin(name, stage) if main else (self.root / f".{name}.partial", None)
+        distributed.barrier(group)  # the folder exists before anyone writes into it
+        self._guarded(name, stage, previous, lambda: write_shards(tmp / SHARDS))
+        if not main:
+            return None
+        return self._commit(name, stage, previous, state, objects)
+
+    def _begin(self, name: str, stage: str) -> tuple[Path, str | None]:
+        tmp = self.root / f".{name}.partial"
+        previous = self.latest_name(stage)
+        self._guarded(name, stage, previous, lambda: self._fresh(tmp))
+        return tmp, previous
+
+    def _fresh(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    def _guarded(self, name: str, stage: str, previous: str | None, action) -> None:
+        """Run one step of a save; a full or failing disk becomes a one-line error and leaves no partial folder."""
+        final, tmp = self.root / name, self.root / f".{name}.partial"
+        try:
+            action()
+        except Exception as exc:
+            reason = write_error_reason(exc)
+            if reason is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.latest_name(stage) != name:  # the pointer never reached it: it is not a checkpoint
+                shutil.rmtree(final, ignore_errors=True)
+            kept = f"the previous checkpoint ({previous}) is intact" if previous else "no earlier checkpoint was written"
+            raise HonedError(
+                f"checkpoint: could not write {final} ({reason}; {free_space(self.root)}); {kept}; {write_advice(reason)}"
+            ) from None
+
+    def _commit(self, name: str, stage: str, previous: str | None, state: dict, objects: dict) -> Path:
+        """state.pt and state.json into the written folder, then the rename and the pointer."""
+        final, tmp = self.root / name, self.root / f".{name}.partial"
+
+        def commit():
             fault("checkpoint-write")
             torch.save(objects, tmp / "state.pt")
             fsync_file(tmp / "state.pt")
@@ -103,17 +161,8 @@ class Checkpointer:
             fsync_dir(self.root)
             fault("checkpoint-commit")
             write_atomic(self._pointer(stage), json.dumps({"name": name}, indent=2))
-        except Exception as exc:
-            reason = write_error_reason(exc)
-            if reason is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            if self.latest_name(stage) != name:  # the pointer never reached it: it is not a checkpoint
-                shutil.rmtree(final, ignore_errors=True)
-            kept = f"the previous checkpoint ({previous}) is intact" if previous else "no earlier checkpoint was written"
-            raise HonedError(
-                f"checkpoint: could not write {final} ({reason}; {free_space(self.root)}); {kept}; {write_advice(reason)}"
-            ) from None
+
+        self._guarded(name, stage, previous, commit)
         self._sweep(stage, keep=name)
         return final
 
@@ -140,6 +189,15 @@ class Checkpointer:
         name = self.latest_name(stage)
         return name is not None and (self.root / name / "state.json").exists()
 
+    def is_sharded(self, stage: str) -> bool:
+        """True when the latest checkpoint has the sharded (FSDP, torch.distributed.checkpoint) layout."""
+        name = self.latest_name(stage)
+        return name is not None and (self.root / name / SHARDS / ".metadata").is_file()
+
+    def shards(self, stage: str) -> Path:
+        """The latest checkpoint's torch.distributed.checkpoint folder (sharded layout)."""
+        return self.root / self.latest_name(stage) / SHARDS
+
     def group_file(self, stage: str, group: str) -> Path | None:
         """The latest checkpoint's file for one group of tensors, if it has one."""
         name = self.latest_name(stage)
@@ -147,13 +205,17 @@ class Checkpointer:
         return path if path is not None and path.is_file() else None
 
     def load(self, stage: str, groups: tuple[str, ...] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-        """The latest checkpoint: (tensor groups, state, objects); `groups` limits which tensor files are read."""
+        """The latest checkpoint: (tensor groups, state, objects); `groups` limits which tensor files are read.
+
+        A sharded checkpoint has no tensor files here (read its shards with sharded.load_shards).
+        """
         name = self.latest_name(stage)
         if name is None:
             raise HonedError(f"checkpoint: {self._pointer(stage)} is missing or names no checkpoint; "
                              "start the run again with --overwrite")
         folder = self.root / name
-        missing = [f for f in self.REQUIRED if not (folder / f).is_file()]
+        required = self.REQUIRED_SHARDED if self.is_sharded(stage) else self.REQUIRED
+        missing = [f for f in required if not (folder / f).is_file()]
         if missing:
             raise HonedError(f"checkpoint: {folder} is incomplete (no {', '.join(missing)}); it was changed outside honed; "
                              "start the run again with --overwrite")

@@ -1,16 +1,44 @@
-"""Data-parallel training over processes started by `torchrun` or `accelerate launch`.
+"""Training over processes started by `torchrun` or `accelerate launch`: PyTorch DDP or FSDP2.
 
 Both launchers set WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous address; honed joins the
-process group they describe (NCCL on GPUs, gloo on CPUs). The recipe's `train.batch_size` is
-the *global* batch: every process takes its share of each planned batch, and the gradients are
-averaged with weights proportional to each share, so N processes compute the same update as one
-process with the same batch (up to the order of floating-point sums). Only rank 0 writes files
-and prints; evaluation runs on rank 0 and its result is broadcast, so every process takes the
-same early-stopping and best-weights decisions.
+process group they describe (NCCL on GPUs, gloo on CPUs) and trains on one of PyTorch's own
+engines, chosen by `train.distributed`:
 
-The gradient average is an explicit all-reduce after the backward pass (what PyTorch's DDP does,
-without overlapping communication with the backward pass): the model is never wrapped, so the
-task's loss functions see the same module in one process or many.
+- `ddp`: every process holds the whole model; `torch.nn.parallel.DistributedDataParallel`
+  averages the gradients during the backward pass (`no_sync` on accumulation micro-batches).
+  DDP wraps a small module whose forward calls the task's loss on the plain model
+  (`LossModule` in train/engines.py), so the task's loss functions see the same module in one process or many.
+- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each transformer block and then the
+  root (train/sharded.py): each process holds 1/N of the parameters, gradients and optimizer
+  state; bf16 through `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`,
+  `train.offload: true` through `CPUOffloadPolicy`.
+- `auto`: fsdp when one device cannot hold the weights, gradients and optimizer state (the
+  memory estimate against the device's free memory), ddp otherwise. An Accelerate config that
+  asks for FSDP (ACCELERATE_USE_FSDP) picks fsdp; DeepSpeed is refused.
+
+On either engine `train.batch_size` is the *global* batch: every process takes a strided share
+of each planned batch and weighs its loss by share × N (the engines average over N), so N
+processes compute the update of one process on the same batch up to the order of floating-point
+sums. A process whose share of a batch is empty still runs forward and backward on one row with
+weight 0 (the engines' collectives need every process); a parameter no process used keeps
+grad None, as in one process. The running loss and the interrupt flag travel in one small
+all-reduce per step, so a SIGTERM stops every process at the same step.
+
+Measured tolerances (fp32, no dropout; tests/test_distributed.py, tests/test_fsdp.py): 2 DDP
+processes match 1 process within 1e-3 on the weights and 1e-4 on the losses; 2 FSDP processes
+match 1 process within 1e-4 on the weights (the reduce-scatter sums in another order). A killed
+run resumes bit-for-bit at the same world size.
+
+Only rank 0 writes files and prints. Under DDP rank 0 evaluates and broadcasts its metrics;
+under FSDP every process runs the evaluation forward (it is made of collectives) and rank 0's
+metrics are broadcast, so every process takes the same early-stopping and best-weights
+decisions. Checkpoint layout (RUN_DIR/checkpoints/<stage>-<step>-<ns>/, train/checkpoint.py):
+one process and DDP write `weights.safetensors` (+ `best`, `buffers`) from rank 0; FSDP writes
+`sharded/` through `torch.distributed.checkpoint`, each process its own `__<rank>_0.distcp`
+file plus rank 0's `.metadata`; both hold `state.pt` (optimizer for the plain layout,
+scheduler, every process's RNG) and `state.json` (loop position). Either layout resumes at
+another world size (DCP reshards on load; a sharded checkpoint loads into the unsharded model of
+one process, a plain one is sharded on load).
 """
 
 from __future__ import annotations
@@ -23,6 +51,8 @@ import torch.distributed as dist
 
 from ..errors import RecipeError
 
+ENGINES = ("ddp", "fsdp")
+
 
 @dataclass
 class Group:
@@ -30,6 +60,8 @@ class Group:
     world: int
     local_rank: int
     local_world: int
+    engine: str = "ddp"  # ddp | fsdp, resolved from train.distributed by choose_engine
+    offload: bool = False  # fsdp: parameters, gradients and optimizer state in CPU memory between uses
 
     @property
     def main(self) -> bool:
@@ -44,17 +76,24 @@ def launched_world() -> int:
         return 1
 
 
-# Accelerate config files that ask for sharded training set these; honed replicates the model
+# Accelerate config files that ask for sharded training set these
 SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "").lower() in ("1", "true")
+
+
+def accelerate_asks_fsdp() -> bool:
+    """True when an Accelerate config asked for FSDP (honed maps it to train.distributed: fsdp)."""
+    return _flag("ACCELERATE_USE_FSDP")
 
 
 def join() -> Group | None:
     """Join the launcher's process group; None when there is only one process."""
-    for variable, name in SHARDED.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise RecipeError(f"accelerate launch: {name} was requested by the Accelerate config, but honed trains data-parallel "
-                              "with a full copy of the model in each process; use `accelerate launch --multi_gpu` or torchrun, "
-                              "and method: lora or freeze when the model does not fit one device")
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise RecipeError("accelerate launch: DeepSpeed was requested by the Accelerate config, but honed trains on PyTorch's "
+                          "DDP and FSDP2; use an Accelerate config with FSDP, or torchrun with train.distributed: fsdp")
     if launched_world() <= 1:
         return None
     if not dist.is_initialized():
@@ -64,6 +103,39 @@ def join() -> Group | None:
         dist.init_process_group(backend)
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
                  int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))))
+
+
+def check_launch(setting: str, offload: bool, group: Group | None) -> None:
+    """Refuse `train.distributed: ddp | fsdp` or `train.offload: true` in a process honed started alone."""
+    if group is not None:
+        return
+    if setting in ENGINES:
+        raise RecipeError(f"train.distributed: {setting} needs several processes, but honed was started as one; launch it with "
+                          "`torchrun --nproc_per_node N -m honed run RECIPE` (or accelerate launch), or set train.distributed: auto")
+    if offload:
+        raise RecipeError("train.offload: true applies to FSDP, but honed was started as one process; launch it with "
+                          "`torchrun --nproc_per_node N -m honed run RECIPE -s train.distributed=fsdp`, or set train.offload: false")
+
+
+def choose_engine(setting: str, offload: bool, group: Group | None, needed_mb: float, available_mb: float) -> None:
+    """Resolve `train.distributed` (auto | ddp | fsdp) onto the group, or refuse a combination that cannot run.
+
+    needed_mb: weights + gradients + optimizer state of the whole model; available_mb: what one
+    device has free. Both are only read for `auto`.
+    """
+    check_launch(setting, offload, group)
+    if group is None:
+        return
+    fsdp_env = accelerate_asks_fsdp()
+    if setting == "ddp" and fsdp_env:
+        raise RecipeError("train.distributed: ddp, but the Accelerate config asks for FSDP (ACCELERATE_USE_FSDP); "
+                          "set train.distributed: fsdp or auto, or launch with an Accelerate config without FSDP")
+    if setting == "auto":
+        setting = "fsdp" if fsdp_env or offload or needed_mb > available_mb else "ddp"
+    if offload and setting != "fsdp":
+        raise RecipeError("train.offload: true applies to FSDP, but train.distributed is ddp; "
+                          "set train.distributed: fsdp (or auto), or train.offload: false")
+    group.engine, group.offload = setting, offload
 
 
 def leave() -> None:
@@ -81,28 +153,13 @@ def shard(indices: list[int], group: Group | None) -> list[int]:
     return indices if group is None else indices[group.rank :: group.world]
 
 
-def average_gradients(params: list[torch.nn.Parameter], loss_sum: float, interrupted: bool, group: Group) -> tuple[float, bool]:
-    """All-reduce the (already share-weighted) gradients in one flat buffer.
-
-    The running loss and the interrupt flag ride along in the same buffer, so every process logs
-    the global loss and stops at the same step when any of them was asked to stop.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    # which parameters got a gradient anywhere: one no process used keeps grad None, as in one process
-    present = [float(p.grad is not None) for p in params]
-    extra = torch.tensor(present + [loss_sum, float(interrupted)], device=params[0].device)
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra])
+def sum_scalars(values: list[float], group: Group | None) -> list[float]:
+    """One all-reduce (sum) of a few numbers: the step's loss and the interrupt flag travel together."""
+    if group is None:
+        return values
+    flat = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
-    tail = flat[offset:].tolist()  # one read of the small tail, not a tensor comparison per parameter
-    for p, anywhere in zip(params, tail):
-        if anywhere == 0:
-            p.grad = None
-    return tail[len(params)], tail[len(params) + 1] > 0
+    return flat.tolist()
 
 
 def broadcast(value, group: Group | None):

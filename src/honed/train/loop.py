@@ -23,7 +23,9 @@ from ..hooks import Hooks
 from . import distributed
 from .allocator import keep_freed_memory
 from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .precision import autocast, fit_threads
+from .engines import Replicas
+from .precision import fit_threads
+from .sharded import Sharded, load_plain_optimizer, load_shards, plain_optimizer_by_name, save_shards
 
 
 @dataclass
@@ -52,6 +54,9 @@ class Batches:
     size: int
     plan: Callable[[int], list[list[int]]]
     collate: Callable[[list[int]], dict]
+    # how much of a batch's mean loss some of its rows carry (default: how many they are); a loss that
+    # averages over tokens gives their token counts, so N processes' shares add up to one process's batch
+    weight: Callable[[list[int]], float] | None = None
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Outcome:
     train_seconds: float
     samples_seen: int
     stopped_early: bool
+    shards: dict | None = None  # FSDP: each process's local parameter and optimizer-state sizes (Sharded.shard_counts)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -199,39 +205,61 @@ def train(
     on_evaluation: Callable[[list[dict]], None] | None = None,
     hooks: Hooks | None = None,
 ) -> Outcome:
-    """Train `model` in place and leave it holding the best weights seen at an evaluation."""
+    """Train `model` in place and leave it holding the best weights seen at an evaluation.
+
+    In a distributed run (cfg.group) the model trains on the group's engine (DDP, or FSDP2 on a
+    sharded twin: train/sharded.py); afterwards rank 0's `model` holds the trained weights.
+    """
     hooks = hooks or Hooks()
     if hooks.on_train_start is not None:  # before the optimizer's state exists, as Trainer's figure is read
         hooks.on_train_start(cfg.stage)
-    optimizer = make_optimizer(model, cfg)
-    per_epoch = math.ceil(len(batches.plan(0)) / cfg.grad_accumulation)
-    total = planned_steps(per_epoch, cfg.epochs, cfg.max_steps)
-    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+    group = cfg.group
+    sharded = group is not None and group.engine == "fsdp"
     s = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
          "history": [], "loss_sum": 0.0, "loss_count": 0, "samples": 0, "interval_samples": 0,
          "train_seconds": 0.0, "stopped_early": False, "done": False}
     best: dict[str, torch.Tensor] | None = None
     ckpt_name = f"{cfg.stage}"
     # with a checkpoint at every evaluation the best weights live in the checkpoints, not in memory:
-    # a copy of every trainable weight is the largest thing honed would otherwise add to training
-    best_on_disk = checkpointer is not None and cfg.checkpoint_evaluations
-    if checkpointer is not None and checkpointer.exists(ckpt_name):
+    # a copy of every trainable weight is the largest thing honed would otherwise add to training.
+    # (FSDP keeps them in memory: a process's share of them is 1/N, and its checkpoints are shards)
+    best_on_disk = checkpointer is not None and cfg.checkpoint_evaluations and not sharded
+    resume = checkpointer is not None and checkpointer.exists(ckpt_name)
+    from_shards = resume and checkpointer.is_sharded(ckpt_name)
+    plain_best = optimizer_by_name = None
+    if resume:
         tensors, saved, objects = checkpointer.load(ckpt_name, ("weights", "buffers") if best_on_disk else None)
-        load_trainable(model, tensors["weights"])
-        load_buffers(model, tensors.get("buffers", {}))
-        best = tensors.get("best")
-        optimizer.load_state_dict(objects["optimizer"])
-        scheduler.load_state_dict(objects["scheduler"])
-        rng = objects["rng"]  # one state per process in a distributed run
-        set_rng_state(rng[cfg.group.rank % len(rng)] if isinstance(rng, list) else rng)
-        s.update(saved)
-        if s["done"]:
-            if best is not None:
-                load_trainable(model, best)
-            return _outcome(s)
+        if not from_shards:  # into the plain model, before an FSDP engine shards it
+            load_trainable(model, tensors["weights"])
+            load_buffers(model, tensors.get("buffers", {}))
+            best = tensors.get("best")
+            if sharded:
+                plain_best = best if best is not None else tensors["weights"] if saved["best_step"] is not None else None
+                optimizer_by_name = plain_optimizer_by_name(model, objects["optimizer"], lambda m: make_optimizer(m, cfg))
+                best = None
+        del tensors
 
-    group = cfg.group
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine = (Sharded if sharded else Replicas)(model, loss_fn, regulariser, cfg.precision, cfg.device, group)
+    work = engine.module  # what trains and evaluates: the model itself, or its sharded twin
+    optimizer = make_optimizer(work, cfg)
+    per_epoch = math.ceil(len(batches.plan(0)) / cfg.grad_accumulation)
+    total = planned_steps(per_epoch, cfg.epochs, cfg.max_steps)
+    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+    if resume:
+        if from_shards:
+            best = load_shards(work, optimizer, checkpointer.shards(ckpt_name), lambda: trainable_state(work))
+        elif sharded:
+            load_plain_optimizer(work, optimizer, optimizer_by_name)
+            best = engine.shard_like(plain_best) if plain_best is not None else None
+            optimizer_by_name = plain_best = None
+        else:
+            optimizer.load_state_dict(objects["optimizer"])
+        scheduler.load_state_dict(objects["scheduler"])
+        rng = objects["rng"]  # one state per process in a distributed run, whatever world size wrote it
+        set_rng_state(rng[(group.rank if group else 0) % len(rng)] if isinstance(rng, list) else rng)
+        s.update(saved)
+    resumed_done = s["done"]
+    trainable = [p for p in work.parameters() if p.requires_grad]
 
     def best_file():
         """The best weights on disk: the latest checkpoint's best file, or its weights when it was saved at the best step."""
@@ -246,6 +274,10 @@ def train(
             return
         # every process's random state (dropout masks differ per process); collective, so all call it
         rng = distributed.gather(rng_state(), group) if group is not None else rng_state()
+        if sharded:
+            checkpointer.save_sharded(ckpt_name, s["step"], lambda folder: save_shards(work, optimizer, best, folder), s,
+                                      {"scheduler": scheduler.state_dict(), "rng": rng}, group)
+            return
         if not distributed.is_main():
             return
         # the live weights: the checkpointer writes them out as they are, no copy needed
@@ -253,17 +285,37 @@ def train(
         buffers = persistent_buffers(model)
         if buffers:  # batch norms' running statistics change while training: a resumed run must start from them too
             tensors["buffers"] = buffers
-        if best is not None:
-            tensors["best"] = best
         carry = {}
-        if best_on_disk and s["best_step"] is not None and s["best_step"] != s["step"]:
+        if best is not None:  # in memory: kept so, or read from a sharded checkpoint
+            tensors["best"] = best
+        elif best_on_disk and s["best_step"] is not None and s["best_step"] != s["step"]:
             carry["best"] = best_file()
         objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
         checkpointer.save(ckpt_name, s["step"], tensors, s, objects, carry)
 
+    if not resumed_done:
+        best = _run(s, best, work, engine, batches, evaluate, cfg, optimizer, scheduler, trainable, total, best_on_disk,
+                    save_checkpoint, progress, on_evaluation, hooks)
+    if best is not None:
+        load_trainable(work, best)
+    elif best_on_disk and not resumed_done and s["best_step"] not in (None, s["step"]) and distributed.is_main():
+        # (the other processes of a distributed run return their copy unused: rank 0 reports)
+        load_trainable_file(model, best_file())
+    if not resumed_done:
+        s["done"] = True
+        save_checkpoint()
+    shards = engine.shard_counts(optimizer)
+    engine.finish()
+    return _outcome(s, shards)
+
+
+def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg: LoopConfig, optimizer, scheduler,
+         trainable: list, total: int, best_on_disk: bool, save_checkpoint, progress, on_evaluation, hooks: Hooks):
+    """The epochs: steps, evaluations, checkpoints; returns the in-memory best weights (None when on disk)."""
+    group = cfg.group
     if progress is not None:
         progress.start(cfg.stage, total, s["step"])
-    model.train()
+    work.train()
     interval_start = time.perf_counter()
     step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
     with interrupt_flag() as interrupted, keep_freed_memory(cfg.device):
@@ -275,29 +327,32 @@ def train(
                     hooks.on_threads(threads)
                 indices = plan[s["batch"]]
                 mine = distributed.shard(indices, group)
-                # each process weighs its loss by its share of the batch: the summed gradients are the batch mean's
-                share = len(mine) / len(indices)
+                # each process weighs its loss by its share of the batch (× N: the engines average over the N
+                # processes), so the summed gradients are the batch mean's
+                share = len(mine) / len(indices) if batches.weight is None else batches.weight(mine) / max(batches.weight(indices), 1e-12)
+                if hooks.on_collate is not None and mine:
+                    hooks.on_collate()
+                # an empty share still runs forward and backward, on one row with weight 0: the engines'
+                # collectives need every process
+                rows = mine or indices[:1]
+                batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(rows).items()}
+                boundary = (s["batch"] + 1) % cfg.grad_accumulation == 0 or s["batch"] + 1 >= len(plan)
+                loss = engine.backward(batch, share * engine.world / cfg.grad_accumulation, sync=boundary)
                 if mine:
-                    if hooks.on_collate is not None:
-                        hooks.on_collate()
-                    batch = {k: v.to(cfg.device) if isinstance(v, torch.Tensor) else v for k, v in batches.collate(mine).items()}
-                    with autocast(cfg.precision, cfg.device):
-                        loss = loss_fn(model, batch)
-                        if regulariser is not None:
-                            loss = loss + regulariser(model)
-                    (loss * (share / cfg.grad_accumulation)).backward()
-                    step_loss += float(loss.detach()) * share
+                    step_loss += loss * share
+                del batch
                 s["loss_count"] += 1
                 s["samples"] += len(indices)
                 s["interval_samples"] += len(indices)
                 s["batch"] += 1
-                if s["batch"] % cfg.grad_accumulation and s["batch"] < len(plan):
+                if not boundary:
                     continue
                 stop = interrupted["set"]
                 if group is not None:
                     # every process stops on the all-reduced flag alone: a signal landing after the all-reduce on one
                     # process only is acted on at the next step, by all of them together
-                    step_loss, stop = distributed.average_gradients(trainable, step_loss, interrupted["set"], group)
+                    step_loss, flag = distributed.sum_scalars([step_loss, float(interrupted["set"])], group)
+                    stop = flag > 0
                 s["loss_sum"] += step_loss
                 step_loss = 0.0
                 if cfg.grad_clip:
@@ -315,19 +370,19 @@ def train(
                     record = {"stage": cfg.stage, "step": s["step"], "epoch": round(s["epoch"] + s["batch"] / len(plan), 3),
                               "train_loss": s["loss_sum"] / max(1, s["loss_count"]), "lr": scheduler.get_last_lr()[0],
                               "samples_per_s": s["interval_samples"] / max(elapsed, 1e-9)}
-                    # rank 0 evaluates; every process takes the same best-weights and stopping decisions
+                    # every process takes the same best-weights and stopping decisions: rank 0's metrics
                     evaluation_started = time.perf_counter()
-                    metrics = distributed.broadcast(evaluate(model) if distributed.is_main() else None, group)
+                    metrics = engine.evaluate(evaluate)
                     if hooks.on_evaluated is not None:
                         hooks.on_evaluated(evaluation_started, metrics)
-                    model.train()
+                    work.train()
                     record.update(metrics)
                     s["loss_sum"], s["loss_count"], s["interval_samples"] = 0.0, 0, 0
                     value = metrics[f"val_{cfg.primary}"]
                     if s["best_metric"] is None or value > s["best_metric"]:
                         s["best_metric"], s["best_step"], s["bad_evals"] = value, s["step"], 0
-                        if not best_on_disk:
-                            best = snapshot_trainable(model, best)
+                        # on disk, the checkpoint written below holds them; in memory, a snapshot
+                        best = None if best_on_disk else snapshot_trainable(work, best)
                     else:
                         s["bad_evals"] += 1
                         if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
@@ -351,16 +406,9 @@ def train(
                 s["batch"] = 0
     if progress is not None:
         progress.finish()
-    if best is not None:
-        load_trainable(model, best)
-    elif best_on_disk and s["best_step"] not in (None, s["step"]) and distributed.is_main():
-        # (the other processes of a distributed run return their copy unused: rank 0 reports)
-        load_trainable_file(model, best_file())
-    s["done"] = True
-    save_checkpoint()
-    return _outcome(s)
+    return best
 
 
-def _outcome(s: dict) -> Outcome:
+def _outcome(s: dict, shards: dict | None = None) -> Outcome:
     return Outcome(history=s["history"], best_step=s["best_step"], best_metric=s["best_metric"], steps=s["step"],
-                   train_seconds=s["train_seconds"], samples_seen=s["samples"], stopped_early=s["stopped_early"])
+                   train_seconds=s["train_seconds"], samples_seen=s["samples"], stopped_early=s["stopped_early"], shards=shards)
