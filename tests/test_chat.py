@@ -223,3 +223,22 @@ def test_head_method_is_refused(tmp_path, tiny_llama, capsys):
     train = write_conversations(tmp_path / "train.jsonl", 30, 0)
     code, out, err = cli(["run", write_chat_recipe(tmp_path, tiny_llama, train, method="head")], capsys)
     assert code == 2 and "lora, qlora, full or freeze" in err
+
+
+def test_schedule_counts_packed_rows_and_max_steps():
+    """epochs/eval_every/max_steps resolve from the training plan's batches (packed rows), not the conversations."""
+    from honed.auto import resolve_auto
+    from honed.recipe import load_recipe
+
+    def resolved(**train):
+        recipe = load_recipe({"task": "chat", "model": "m", "data": {"train": "t.jsonl"}, "train": {"batch_size": 8, **train}})
+        return resolve_auto(recipe, "causal-lm", n_train=800, batches_per_epoch=10).train
+
+    plain = resolved()
+    assert (plain.epochs, plain.max_steps, plain.eval_every) == (10, 100, 5)  # 800 conversations packed into 10 batches
+    bounded = resolved(max_steps=25)
+    assert (bounded.epochs, bounded.max_steps, bounded.eval_every) == (3, 25, 5)
+    short = resolved(max_steps=8)
+    assert (short.epochs, short.max_steps, short.eval_every) == (1, 8, 2)  # at least 4 evaluations in a bounded run
+    capped = resolved(max_steps=500, epochs=2)
+    assert capped.max_steps == 20  # the epochs come first

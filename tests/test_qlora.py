@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("bitsandbytes")
 
@@ -40,8 +41,9 @@ def qlora_run(tmp_path_factory, tiny_llama, conversations):
     import honed
 
     folder = tmp_path_factory.mktemp("qlora-run")
+    # epochs and eval_every auto: resolved from the step bound and the packed rows (train.max_steps)
     recipe = write_chat_recipe(folder, tiny_llama, conversations, method="qlora",
-                               **{"lora.r": 8, "train.max_steps": 24, "train.epochs": 3, "train.eval_every": 8})
+                               **{"lora.r": 8, "train.max_steps": 24, "train.epochs": "auto", "train.eval_every": "auto"})
     result = honed.run(str(recipe), show_progress=False)
     return result.run_dir, result.metrics
 
@@ -68,6 +70,8 @@ def test_qlora_run_learns_and_exports_a_plain_model(qlora_run):
     assert metrics["test"]["perplexity"] < metrics["pretrained"]["perplexity"]
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    resolved = yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]
+    assert resolved["max_steps"] == 24 and resolved["epochs"] >= 2 and len(history) >= 4  # a step-bounded run evaluates ≥ 4 times
     config = json.loads((run_dir / "model" / "config.json").read_text())
     assert "quantization_config" not in config  # the export needs no bitsandbytes
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
