@@ -79,7 +79,9 @@ def test_generation_markers_template(tokenizer):
     assert mask == chat.render_with_mask(tokenizer, CONVERSATION)[1]
 
 
-def test_packing_boundaries(tokenizer, tiny_llama):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packing_boundaries(tokenizer, tiny_llama, attention):
+    """With restarting position ids and no attention mask, each attention kernel keeps packed conversations apart."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(3)
@@ -98,7 +100,7 @@ def test_packing_boundaries(tokenizer, tiny_llama):
     flat_mask[enc.offsets[:-1]] = False
     assert ((targets[: sum(lengths)] != -100) == flat_mask).all()
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
     with torch.no_grad():
         packed = chat._forward(model, batch).logits[0]
         for i, (start, n) in enumerate(zip(starts, lengths)):
@@ -242,3 +244,15 @@ def test_schedule_counts_packed_rows_and_max_steps():
     assert (short.epochs, short.max_steps, short.eval_every) == (1, 8, 2)  # at least 4 evaluations in a bounded run
     capped = resolved(max_steps=500, epochs=2)
     assert capped.max_steps == 20  # the epochs come first
+
+
+def test_attention_key_reaches_the_model(tmp_path, tiny_llama, capsys):
+    from honed.models.causal_lm import load_causal_lm
+    from honed.recipe import load_recipe
+
+    train = write_conversations(tmp_path / "train.jsonl", 30, 0)
+    recipe = load_recipe(str(write_chat_recipe(tmp_path, tiny_llama, train, attention="eager")))
+    assert load_causal_lm(recipe.model, recipe).model.config._attn_implementation == "eager"
+    if not torch.cuda.is_available():
+        code, _, err = cli(["run", write_chat_recipe(tmp_path, tiny_llama, train, attention="flash_attention_2")], capsys)
+        assert code == 2 and "attention: flash_attention_2 needs a CUDA device" in err
