@@ -167,6 +167,7 @@ def test_one_process_checkpoint_resumes_under_fsdp(setup_dir, one_process):
     assert json.loads((run_dir / "metrics.json").read_text())["run"]["shards"]["world"] == 2
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumed_with_another_model_is_refused_before_training(setup_dir, tmp_path):
     from chat_helpers import build_tiny_llama as build
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -192,7 +193,8 @@ def test_fsdp_checkpoint_resumed_with_another_model_is_refused_before_training(s
     assert resumed.returncode == 2, resumed.stderr[-3000:]
     lines = [x for x in resumed.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in resumed.stderr
-    assert "another model" in lines[0] and "mlp" in lines[0] and "[48, 32]" in lines[0] and "--overwrite" in lines[0]
+    assert "another model" in lines[0] and "mlp.down_proj.weight is [32, 64] there, [32, 48] in this model" in lines[0]
+    assert "--overwrite" in lines[0]
     assert not (run_dir / "metrics.json").exists()
 
 
