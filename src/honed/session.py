@@ -17,12 +17,13 @@ from .auto import resolve_auto, resolve_rates
 from .errors import RecipeError
 from .hooks import Hooks
 from .methods import METHODS
-from .memory import check_memory, estimate_training_memory
+from .memory import Plan, available_mb, check_memory, estimate_training_memory, resolve_gradient_checkpointing
 from .models.load import ModelBundle
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
 from .tasks.base import Reference, Splits, Task
 from .train.allocator import release_free_memory
+from .train.distributed import launched_world
 from .train.precision import device as pick_device
 from .train.precision import resolve_precision
 
@@ -92,11 +93,14 @@ def check_audit(recipe: Recipe, splits) -> dict:
     return TASKS[recipe.task].audit(recipe, splits)
 
 
-def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None = None) -> Session:
-    """Load the model, encode every split once, and cache the pre-trained features.
+def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None = None,
+          memory_mb: float | None = None) -> Session:
+    """Load the model, check it fits in memory, encode every split once, and cache the pre-trained features.
 
     cache (a dict the caller keeps, e.g. one per `honed tune` worker) holds the encoded splits and
     the pre-trained features between runs that differ only in training hyperparameters.
+    memory_mb: the memory to plan for (default: what the device has free); `train.gradient_checkpointing:
+    auto` is resolved against it and written back to the recipe as a bool.
     """
     hooks = hooks or Hooks()
     seed = main_seed(recipe)
@@ -107,8 +111,7 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     bundle = task.load_model(recipe, splits)
     resolve_rates(recipe, bundle.family)
     precision = resolve_precision(recipe.train.precision, dev)
-    memory = memory_estimate(recipe, task, bundle, precision)
-    check_memory(memory, dev, recipe.method, recipe.train.batch_size)
+    memory = memory_estimate(recipe, task, bundle, precision, splits, dev, memory_mb)
     key = features_key(recipe, precision)
     cached = cache.get(key) if cache is not None else None
     if cached is None:
@@ -135,12 +138,39 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
                    reference, original_head, memory, hooks)
 
 
-def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str) -> dict:
-    model = bundle.model
-    total = sum(p.numel() for p in model.parameters())
-    head = sum(p.numel() for p in bundle.head().parameters())
-    fraction = {"head": head / total, "lora": 0.02 + head / total, "freeze": 0.5}.get(recipe.method, 1.0)
-    return estimate_training_memory(model, recipe.train.batch_size, task.sequence_length(recipe, model), precision, fraction)
+def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None) -> Plan:
+    """The recipe's figures the memory estimate reads (train.gradient_checkpointing: auto counts as off)."""
+    t = recipe.train
+    eval_bs = max(32, 2 * t.batch_size)
+    # every evaluation scores validation and up to TRAIN_EVAL_ROWS training rows in batches of eval_bs
+    sizes = [len(getattr(splits, name)) for name in SPLITS] if splits is not None else []
+    targets = recipe.lora.target_modules
+    return Plan(method=recipe.method, batch_size=t.batch_size, seq_len=task.sequence_length(recipe, bundle.model), precision=precision,
+                gradient_checkpointing=t.gradient_checkpointing is True, world_size=launched_world(),
+                fsdp=t.distributed == "fsdp", offload=t.offload, grad_accumulation=t.grad_accumulation, family=bundle.family,
+                head_name=bundle.head_name or "", lora_r=recipe.lora.r, lora_targets=tuple(targets) if targets else None,
+                qlora_bits=recipe.qlora.bits, qlora_double_quant=recipe.qlora.double_quant, freeze_layers=recipe.freeze.layers,
+                eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task == "chat")
+
+
+def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None,
+                    device: torch.device | None = None, memory_mb: float | None = None) -> dict:
+    """The peak training will need (docs/memory.md), refused with the cheapest change that fits when
+    the device does not have it; resolves `train.gradient_checkpointing: auto` into the recipe first.
+    Returns the estimate's parts in MB ("total_mb" is the per-process peak)."""
+    device = device or torch.device("cpu")
+    have = available_mb(device) if memory_mb is None else memory_mb
+    plan = memory_plan(recipe, task, bundle, precision, splits)
+    t = recipe.train
+    if t.distributed == "auto" and plan.world_size > 1:
+        # as the engine choice does: FSDP when one process cannot hold weights, gradients and optimizer state
+        whole = estimate_training_memory(bundle.model, plan.but(world_size=1))
+        state = whole["weights_mb"] + whole["gradients_mb"] + whole["optimizer_mb"]
+        plan = plan.but(fsdp=t.offload or state > have)
+    if t.gradient_checkpointing == "auto":
+        t.gradient_checkpointing = resolve_gradient_checkpointing(bundle.model, plan, device, have)
+        plan = plan.but(gradient_checkpointing=t.gradient_checkpointing)
+    return check_memory(bundle.model, plan, device, tuple(task.methods), have)
 
 
 def timed_features(task: Task, bundle, model, split, batch_size: int, precision: str, device, hooks: Hooks) -> torch.Tensor:
