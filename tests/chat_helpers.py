@@ -105,3 +105,43 @@ def write_chat_recipe(folder: Path, model, train: Path, **changes) -> Path:
         "out": str(folder / "run"),
     }
     return write_recipe_file(folder, recipe, changes)
+
+
+OPENINGS = ("Sorry, ", "Right, ")  # the same length: an apology is the preference, not the length
+
+
+def preference_pair(rng: random.Random, randomise: bool = False, longer_chosen: bool = False, near: bool = False) -> dict:
+    """A support prompt (with an order number, so pairs can be memorised) and two replies that differ
+    only in the opening: the apology is chosen. randomise: chosen/rejected swapped at random (no
+    preference to learn); longer_chosen: the chosen reply is the longer one and the openings random."""
+    product, problem = rng.choice(PRODUCTS), rng.choice(list(PROBLEMS))
+    prompt = f"Order {rng.randint(1000, 9999)}: my {product} {problem}."
+    fix = PROBLEMS[problem]
+    chosen, rejected = OPENINGS[0] + fix, OPENINGS[1] + fix
+    if near:  # replies that differ in their last character only: the setting of likelihood displacement (Razin et al. 2024)
+        chosen, rejected = fix + " Thanks.", fix + " Thanks!"
+    if longer_chosen:
+        first, second = rng.sample(OPENINGS, 2)
+        chosen, rejected = first + fix + " " + rng.choice(GENERAL), second + fix
+    if randomise and rng.random() < 0.5:
+        chosen, rejected = rejected, chosen
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def write_preferences(path: Path, n: int, seed: int, **kinds) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(preference_pair(rng, **kinds)) + "\n" for _ in range(n)))
+    return path
+
+
+def write_preference_recipe(folder: Path, model, train: Path, **changes) -> Path:
+    from helpers import write_recipe_file
+
+    recipe = {
+        "task": "preference",
+        "model": str(model),
+        "data": {"train": str(train), "max_length": 64},
+        "train": {"epochs": 3, "lr": 5e-3, "batch_size": 8, "seed": 0, "precision": "fp32", "eval_every": 5, "patience": None},
+        "out": str(folder / "run"),
+    }
+    return write_recipe_file(folder, recipe, changes)

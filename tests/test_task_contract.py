@@ -55,6 +55,13 @@ def predict_conversations(run_dir: Path, recipe: dict, tmp: Path) -> tuple[Path,
     return path, 2
 
 
+def predict_pairs(run_dir: Path, recipe: dict, tmp: Path) -> tuple[Path, int]:
+    lines = Path(recipe["data"]["train"]).read_text().splitlines()[:3]
+    path = tmp / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, 3
+
+
 VALID_TEXT = {"inputs": [{"text": "great service"}]}
 VALID_CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -66,6 +73,7 @@ CASES = {
     "tabular-regression": ("tabular_regression", predict_text, True, None, None),
     "forecasting": ("forecast_patchtst", predict_series, False, None, None),
     "chat": ("chat_lora", predict_conversations, False, VALID_CHAT, {"messages": "hello"}),
+    "preference": ("preference_lora", predict_pairs, False, VALID_CHAT, {"messages": "hello"}),
 }
 
 

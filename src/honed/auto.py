@@ -19,6 +19,9 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
     # small PatchTST/PatchTSMixer forecasters (tens of thousands of weights): Adam's usual 1e-3
     ("ts-forecast", "full"): 3e-3, ("ts-forecast", "freeze"): 3e-3, ("ts-forecast", "lora"): 1e-2, ("ts-forecast", "lp-ft"): 1e-3,
 }
+# task: preference (DPO and its kin) steps far smaller than supervised tuning: Rafailov et al. 2023 and
+# Zephyr (Tunstall et al. 2023) use 5e-7 in full; LoRA DPO recipes use 5e-6 to 5e-5
+AUTO_PREFERENCE_LR = {"full": 5e-7, "lora": 5e-5, "qlora": 5e-5}
 AUTO_HEAD_LR = 1e-2  # on standardised features
 FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
 
@@ -26,7 +29,9 @@ FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimize
 def resolve_rates(recipe: Recipe, family: str) -> Recipe:
     """Fill the `auto` learning rates and batch size (what the memory check needs before any data is encoded)."""
     t = recipe.train
-    if t.lr == "auto":
+    if t.lr == "auto" and recipe.task == "preference":
+        t.lr = AUTO_PREFERENCE_LR[recipe.method]
+    elif t.lr == "auto":
         t.lr = AUTO_HEAD_LR if recipe.method == "head" else AUTO_LR[(family, recipe.method)]
     if t.head_lr == "auto":
         t.head_lr = AUTO_HEAD_LR

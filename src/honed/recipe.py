@@ -38,6 +38,9 @@ class DataSpec(Strict):
     categorical: list[str] = Field(default_factory=list)  # tabular: force these columns to be categorical
     numeric: list[str] = Field(default_factory=list)  # tabular: force these columns to be numeric
     messages: str = "messages"  # chat: the column holding the list of {role, content} messages
+    prompt: str = "prompt"  # preference: the prompt (a string or a messages list)
+    chosen: str = "chosen"  # preference: the preferred reply (a string, an assistant message, or the whole conversation)
+    rejected: str = "rejected"  # preference: the rejected reply, in the same form
     chat_template: str | None = None  # chat: a Jinja template (or a .jinja file) when the tokenizer has none
     packing: bool = True  # chat: pack short conversations into sequences of max_length tokens
     series: str = "series"  # forecasting: the column naming each series (long format: one row per series and time)
@@ -92,6 +95,17 @@ class QloraSpec(Strict):
     bits: Literal[4, 8] = 4  # 4: NF4 (QLoRA, Dettmers et al. 2023); 8: LLM.int8
     quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
     double_quant: bool = True  # 4-bit only: quantise the quantisation constants too (~0.4 bit/param saved)
+
+
+class PreferenceSpec(Strict):
+    """task: preference: the objective and the likelihood-displacement threshold."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"  # simpo is reference-free
+    beta: float | None = Field(None, gt=0)  # None: 0.1 for dpo and ipo, 2.0 for simpo (their papers' defaults)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # dpo: conservative DPO's assumed share of flipped labels
+    simpo_gamma: float = Field(0.5, ge=0)  # simpo: the target reward margin
+    displacement: float = Field(0.1, gt=0)  # warn when the chosen replies' log-probability per token falls by more (nats)
+    max_kl: float = Field(1.0, gt=0)  # warn when KL(policy ‖ start) where the replies start exceeds this (nats)
 
 
 class FreezeSpec(Strict):
@@ -179,12 +193,13 @@ class TuneSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat"] = "text-classification"
+    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat", "preference"] = "text-classification"
     model: str | MLPSpec | SeriesModelSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "qlora", "lp-ft"] = "full"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     qlora: QloraSpec = Field(default_factory=QloraSpec)
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec)
     # Hugging Face models: attn_implementation; auto = flash_attention_2 on CUDA when installed, else sdpa
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
@@ -205,8 +220,8 @@ class Recipe(Strict):
     @model_validator(mode="before")
     @classmethod
     def _chat_defaults_to_lora(cls, data):
-        """task: chat fine-tunes with LoRA unless the recipe names a method (the other tasks default to full)."""
-        if isinstance(data, dict) and data.get("task") == "chat" and data.get("method") is None:
+        """task: chat and preference fine-tune with LoRA unless the recipe names a method (the other tasks default to full)."""
+        if isinstance(data, dict) and data.get("task") in ("chat", "preference") and data.get("method") is None:
             data = {**data, "method": "lora"}
         return data
 

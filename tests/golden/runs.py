@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from chat_helpers import build_tiny_llama, write_conversations, write_general
+from chat_helpers import build_tiny_llama, write_conversations, write_general, write_preferences
 from helpers import build_tiny_bert, build_tiny_vit, make_series, make_texts, stripes, topic_texts
 
 # --------------------------------------------------------------------------- shared builders
@@ -81,6 +81,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny_llama": build_tiny_llama,
     "conversations": lambda f: write_conversations(f / "train.jsonl", 60, 1),
     "general": lambda f: write_general(f / "general.csv"),
+    "preferences": lambda f: write_preferences(f / "pairs.jsonl", 80, 2),
 }
 
 # --------------------------------------------------------------------------- recipes
@@ -219,6 +220,13 @@ def chat_lora(tmp: Path) -> dict:
             "interpolate": [0.0, 1.0]}
 
 
+def preference_lora(tmp: Path) -> dict:
+    """DPO with LoRA on the tiny Llama: apologising replies preferred (recorded from the code that added the task)."""
+    return {"task": "preference", "model": str(shared("tiny_llama")), "method": "lora",
+            "data": {"train": str(shared("preferences")), "max_length": 64},
+            "train": _train(epochs=3, lr=5e-3, batch_size=8, eval_every=3)}
+
+
 GOLDEN_RUNS: dict[str, Callable[[Path], dict]] = {
     "text_full": text_full,
     "text_lora": text_lora,
@@ -234,6 +242,7 @@ GOLDEN_RUNS: dict[str, Callable[[Path], dict]] = {
     "forecast_patchtst": forecast_patchtst,
     "forecast_finetune": forecast_finetune,
     "chat_lora": chat_lora,
+    "preference_lora": preference_lora,
 }
 
 

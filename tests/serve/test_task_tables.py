@@ -43,6 +43,7 @@ INVALID = {
         "unknown field": {"messages": HI, "tools": []},
     },
 }
+VALID["preference"], INVALID["preference"] = VALID["chat"], INVALID["chat"]  # served as a chat model
 
 
 def test_tables_have_the_same_tasks():
@@ -91,7 +92,7 @@ def test_chat_loader_does_not_ask_for_labels(tmp_path):
 
 
 def test_an_unservable_task_is_named(tmp_path):
-    with pytest.raises(RecipeError, match="task 'forecasting' cannot be served yet; servable tasks: text-classification, chat"):
+    with pytest.raises(RecipeError, match="task 'forecasting' cannot be served yet; servable tasks: text-classification, chat, preference"):
         load_run(fake_run(tmp_path, {"task": "forecasting", "labels": []}))
 
 

@@ -173,6 +173,7 @@ def load_chat_model(run_dir: Path, meta: dict) -> Served:
 LOADERS: dict[str, Callable[[Path, dict], Served]] = {
     "text-classification": load_text_classifier,
     "chat": load_chat_model,
+    "preference": load_chat_model,  # a preference-tuned model is served as the chat model it is
 }
 
 

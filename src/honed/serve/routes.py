@@ -93,4 +93,5 @@ def chat_route(app: FastAPI, served: Served, limits: Limits, batcher: MicroBatch
 ENDPOINTS: dict[str, dict[str, Callable[[FastAPI, Served, Limits, MicroBatcher], None]]] = {
     "text-classification": {"/v1/predict": predict_route},
     "chat": {"/v1/chat/completions": chat_route},
+    "preference": {"/v1/chat/completions": chat_route},  # a preference-tuned model chats
 }

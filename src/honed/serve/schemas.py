@@ -61,4 +61,5 @@ ChatRequest = chat_request()
 REQUEST_SCHEMAS: dict[str, type[BaseModel]] = {
     "text-classification": ClassifierRequest,
     "chat": ChatRequest,
+    "preference": ChatRequest,  # served as the chat model it is
 }

@@ -8,6 +8,7 @@ from .base import Task
 from .chat.task import TASK as CHAT
 from .forecasting.task import TASK as FORECASTING
 from .image.task import TASK as IMAGE_CLASSIFICATION
+from .preference.task import TASK as PREFERENCE
 from .tabular.task import CLASSIFICATION as TABULAR_CLASSIFICATION
 from .tabular.task import REGRESSION as TABULAR_REGRESSION
 from .text.task import TASK as TEXT_CLASSIFICATION
@@ -19,4 +20,5 @@ TASKS: dict[str, Task] = {
     "tabular-regression": TABULAR_REGRESSION,
     "forecasting": FORECASTING,
     "chat": CHAT,
+    "preference": PREFERENCE,
 }

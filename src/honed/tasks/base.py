@@ -115,6 +115,7 @@ class Task:
     summary: Callable[..., dict]  # (session, model, before, test_outputs, guards) -> task-specific metrics.json keys
     predict_file: Callable[..., Any]  # (model_dir, meta, input_path, batch_size) -> predictions DataFrame (`honed predict`)
     request_schema: type | None = None  # the pydantic model `honed serve` validates a request with; None: not servable
+    tie_break: str | None = None  # a metric (lower is better) that decides between evaluations with equal primary metrics
 
 
 def refuse_series_model(recipe) -> None:

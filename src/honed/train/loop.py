@@ -42,6 +42,7 @@ class LoopConfig:
     patience: int | None = 3
     precision: str = "fp32"
     primary: str = "accuracy"  # key of the evaluation dict; higher is better
+    tie_break: str | None = None  # a metric whose lower value decides between evaluations with the same primary (e.g. loss)
     checkpoint_evaluations: bool = True  # False: only the end-of-stage state is saved (cheap stages)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: distributed.Group | None = None  # the processes sharing each batch (torchrun / accelerate launch)
@@ -158,6 +159,14 @@ def allocate_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def improves(value: float, tie: float | None, best: float | None, best_tie: float | None) -> bool:
+    """A higher primary metric, or the same one with a lower tie-break metric (an accuracy that saturates at 1.0
+    keeps improving in its loss)."""
+    if best is None or value > best:
+        return True
+    return value == best and tie is not None and best_tie is not None and tie < best_tie
+
+
 def planned_steps(per_epoch: int, epochs: int, max_steps: int | None) -> int:
     """Optimizer steps of a stage: every epoch's, or max_steps when that comes first."""
     return per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
@@ -215,7 +224,7 @@ def train(
         hooks.on_train_start(cfg.stage)
     group = cfg.group
     sharded = group is not None and group.engine == "fsdp"
-    s = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
+    s = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_tie": None, "best_step": None, "bad_evals": 0,
          "history": [], "loss_sum": 0.0, "loss_count": 0, "samples": 0, "interval_samples": 0,
          "train_seconds": 0.0, "stopped_early": False, "done": False}
     best: dict[str, torch.Tensor] | None = None
@@ -379,8 +388,9 @@ def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg
                     record.update(metrics)
                     s["loss_sum"], s["loss_count"], s["interval_samples"] = 0.0, 0, 0
                     value = metrics[f"val_{cfg.primary}"]
-                    if s["best_metric"] is None or value > s["best_metric"]:
-                        s["best_metric"], s["best_step"], s["bad_evals"] = value, s["step"], 0
+                    tie = metrics.get(f"val_{cfg.tie_break}") if cfg.tie_break else None
+                    if improves(value, tie, s.get("best_metric"), s.get("best_tie")):
+                        s["best_metric"], s["best_tie"], s["best_step"], s["bad_evals"] = value, tie, s["step"], 0
                         # on disk, the checkpoint written below holds them; in memory, a snapshot
                         best = None if best_on_disk else snapshot_trainable(work, best)
                     else:

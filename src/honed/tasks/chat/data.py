@@ -51,8 +51,10 @@ def validate_messages(messages, where: str) -> list[dict]:
 def _read(path: str, field: str, column: str) -> pd.DataFrame:
     frame = read_table(path, field)
     if column not in frame.columns:
-        raise DataError(f"data.messages: column '{column}' not found in {Path(path).name} (columns: {', '.join(map(str, frame.columns[:30]))}); "
-                        "each record needs a list of {\"role\", \"content\"} messages")
+        hint = ("; it holds chosen/rejected pairs: use task: preference" if {"chosen", "rejected"} <= set(frame.columns)
+                else "; each record needs a list of {\"role\", \"content\"} messages")
+        raise DataError(f"data.messages: column '{column}' not found in {Path(path).name} (columns: {', '.join(map(str, frame.columns[:30]))})"
+                        + hint)
     rows = []
     for i, value in enumerate(frame[column].tolist(), start=1):
         where = f"{field}: {Path(path).name} record {i}"

@@ -184,7 +184,11 @@ def batches(split: EncodedChat, batch_size: int, seed: int, pad_id: int, group_b
         rows = [[perm[j] for j in row] for row in rows]
         return [[i for row in rows[k : k + batch_size] for i in row] for k in range(0, len(rows), batch_size)]
 
-    return Batches(size=len(split), plan=plan, collate=lambda indices: collate(split, indices, pad_id))
+    # the loss is a mean over assistant tokens: processes sharing a batch weigh their parts by those tokens
+    targets = torch.zeros(len(split))
+    targets.index_add_(0, torch.repeat_interleave(torch.arange(len(split)), split.lengths), split.mask.float())
+    return Batches(size=len(split), plan=plan, collate=lambda indices: collate(split, indices, pad_id),
+                   weight=lambda indices: float(targets[torch.as_tensor(indices, dtype=torch.long)].sum()))
 
 
 def _forward(model: nn.Module, batch: dict, hidden: bool = False):
