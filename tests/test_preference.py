@@ -57,10 +57,32 @@ def test_learns_the_constructed_preference(golden_run):
     assert metrics["test"]["reward_margin"] > 0 and metrics["test"]["kl"] >= 0
     assert metrics["guards"]["baseline"]["status"] == "ok"  # quiet on the length-matched pairs
     assert metrics["guards"]["forgetting"]["status"] == "ok"  # a mild run: no displacement
+    report = (run_dir / "report.html").read_text()
+    assert '<section id="preference">' in report and "Reward margin" in report and "prefer the longer reply" in report
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert {"val_reward_margin", "val_chosen_logp", "val_rejected_logp", "val_kl", "train_preference_accuracy"} <= set(history[0])
     best = metrics["guards"]["overfitting"]["details"]["best_step"]
     assert best == min((h for h in history if h["val_preference_accuracy"] == 1.0), key=lambda h: h["val_loss"])["step"]
+
+
+@pytest.mark.slow
+def test_bias_guard_compares_groups(tmp_path, tiny_llama):
+    """Team a's pairs carry the apology preference, team b's are randomised: their accuracies differ."""
+    import random
+
+    import honed
+    from chat_helpers import preference_pair
+
+    rng = random.Random(4)
+    rows = [{**preference_pair(rng, randomise=i % 2 == 1), "team": "ab"[i % 2]} for i in range(160)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_preference_recipe(tmp_path, tiny_llama, path, **{"data.groups": ["team"], "guards.min_group_size": 5,
+                                                                   "data.test_fraction": 0.25})
+    bias = honed.run(str(recipe), show_progress=False).metrics["guards"]["bias"]
+    groups = bias["details"]["columns"]["team"]["groups"]
+    assert groups["a"]["preference_accuracy"] > groups["b"]["preference_accuracy"]
+    assert bias["status"] == "warn" and "team=b" in bias["summary"]
 
 
 def test_randomised_preference_is_not_learned_and_the_baseline_warns(tmp_path, tiny_llama):
@@ -129,3 +151,36 @@ def test_a_preference_file_given_to_chat_is_refused(tmp_path, tiny_llama, capsys
     pairs = write_preferences(tmp_path / "pairs.jsonl", 20, 0)
     code, _, err = cli(["check", write_chat_recipe(tmp_path, tiny_llama, pairs)], capsys)
     assert code == 3 and "use task: preference" in err and len(err.strip().splitlines()) == 1
+
+
+def test_trl_forms_are_read(tmp_path, tiny_llama, capsys):
+    """TRL's conversational forms: a messages prompt with assistant-message replies, and whole conversations
+    sharing a prefix (the prompt is what they share)."""
+    from honed.recipe import load_recipe
+    from honed.tasks.preference.data import read_pairs
+
+    user = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "My phone is slow."}]
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "Sorry, restart it."}],
+             "rejected": [{"role": "assistant", "content": "Right, restart it."}]},
+            {"chosen": user + [{"role": "assistant", "content": "Sorry, restart it."}],
+             "rejected": user + [{"role": "assistant", "content": "Right, restart it."}]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = load_recipe(str(write_preference_recipe(tmp_path, tiny_llama, path))).data
+    frame = read_pairs(str(path), "data.train", spec)
+    assert frame["prompt"].tolist() == [user, user]
+    assert frame["chosen"].tolist() == ["Sorry, restart it."] * 2 and frame["rejected"].tolist() == ["Right, restart it."] * 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": user + [{"role": "assistant", "content": "a"}],
+                               "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(Exception, match="bad.jsonl row 1: without a prompt, chosen and rejected must be whole conversations"):
+        read_pairs(str(bad), "data.train", spec)
+
+
+@pytest.mark.slow
+def test_qlora_preference_run(tmp_path, tiny_llama):
+    pytest.importorskip("bitsandbytes")
+    metrics = run(tmp_path, tiny_llama, {}, **{"method": "qlora", "train.max_steps": 12, "train.eval_every": 4})
+    assert metrics["run"]["method"] == "qlora" and metrics["run"]["steps"] == 12
+    assert metrics["test"]["preference_accuracy"] >= 0.9 and metrics["test"]["reward_margin"] > 0
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()

@@ -171,7 +171,8 @@ def run_audit(session: Session) -> dict:
     recipe, splits = session.recipe, session.splits
     audit = session.task.audit(recipe, splits, session.bundle, session.encoded)
     if recipe.data.groups:
-        audit["groups"] = group_representation(splits.train, recipe.data.groups, "label", recipe.guards.min_group_size)
+        label = "label" if "label" in splits.train.columns else None  # chat and preference have no labels
+        audit["groups"] = group_representation(splits.train, recipe.data.groups, label, recipe.guards.min_group_size)
     return audit
 
 

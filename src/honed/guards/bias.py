@@ -24,16 +24,17 @@ def _as_groups(values: pd.Series) -> pd.Series:
 
 
 def group_representation(
-    frame: pd.DataFrame, group_columns: list[str], label_column: str, min_group_size: int = 30
+    frame: pd.DataFrame, group_columns: list[str], label_column: str | None, min_group_size: int = 30
 ) -> dict:
     """Who is in the data: per group column, per value, its count, share and label mix.
 
     Returns ``{"columns": {column: {value: {"count", "share", "label_rate": {label: share}}}},
     "small_groups": [(column, value, count), ...], "min_group_size": int}``. Missing group
     values (and missing labels) count as "(missing)". Values are ordered by count, largest
-    first. Raises DataError naming a missing column and listing the columns that exist.
+    first. Raises DataError naming a missing column and listing the columns that exist. A task
+    without labels (chat, preference) passes label_column None: counts and shares only.
     """
-    for col in [*group_columns, label_column]:
+    for col in [*group_columns, *([label_column] if label_column is not None else [])]:
         if col not in frame.columns:
             kind = "group" if col in group_columns else "label"
             raise DataError(
@@ -41,7 +42,7 @@ def group_representation(
                 "Fix data.groups / data.label in the recipe."
             )
     n = len(frame)
-    labels = _as_groups(frame[label_column])
+    labels = _as_groups(frame[label_column]) if label_column is not None else pd.Series(["(no labels)"] * n, index=frame.index)
     columns: dict[str, dict] = {}
     small: list[tuple[str, str, int]] = []
     for col in group_columns:

@@ -25,6 +25,7 @@ from honed.report.audit import section_audit, section_recipe
 from honed.report.curves import section_learning_curve, section_training
 from honed.report.forgetting_bias import section_bias, section_forgetting
 from honed.report.markup import esc
+from honed.report.preference import section_preference
 from honed.report.rundata import RunData, load_run
 from honed.report.verdict import header, section_confusion, section_headline, section_verdict
 
@@ -33,6 +34,7 @@ SECTIONS: list[tuple[str, str, Callable[[RunData], str]]] = [
     ("verdict", "Verdict", section_verdict),
     ("headline", "Headline figures", section_headline),
     ("training", "Training curves", section_training),
+    ("preference", "Preferences", section_preference),
     ("learning-curve", "Learning curve", section_learning_curve),
     ("forgetting", "Forgetting trade-off", section_forgetting),
     ("groups", "Per-group metrics", section_bias),
@@ -42,7 +44,7 @@ SECTIONS: list[tuple[str, str, Callable[[RunData], str]]] = [
 ]
 
 
-def _safe(fn: Callable[[RunData], str], run: RunData) -> str:
+def _safe(fn: Callable[[RunData], str | None], run: RunData) -> str | None:
     try:
         return fn(run)
     except Exception as exc:  # one malformed input must not cost the user the whole report
@@ -53,10 +55,14 @@ def _safe(fn: Callable[[RunData], str], run: RunData) -> str:
 def render_report(run: RunData) -> str:
     """The report for a loaded run directory, as an HTML string."""
     template = Template(resources.files("honed.report").joinpath("template.html").read_text(encoding="utf-8"))
-    sections = []
+    sections, shown = [], []
     for sid, title, fn in SECTIONS:
-        sections.append(f'<section id="{sid}">\n<h2>{esc(title)}</h2>\n{_safe(fn, run)}\n</section>')
-    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in SECTIONS)
+        body = _safe(fn, run)
+        if body is None:  # a section for another task
+            continue
+        shown.append((sid, title))
+        sections.append(f'<section id="{sid}">\n<h2>{esc(title)}</h2>\n{body}\n</section>')
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in shown)
     try:
         from importlib.metadata import version
 

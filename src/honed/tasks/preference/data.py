@@ -89,6 +89,9 @@ def read_pairs(path: str, field_name: str, spec) -> pd.DataFrame:
         if column not in frame.columns:
             raise DataError(f"{key}: column '{column}' not found in {name} (columns: {columns}); every row needs a prompt, "
                             "a chosen and a rejected reply")
+    missing = [g for g in spec.groups if g not in frame.columns]
+    if missing:
+        raise DataError(f"data.groups: column '{missing[0]}' not found in {name} (columns: {columns})")
     has_prompt = spec.prompt in frame.columns
     rows = []
     for i, record in enumerate(frame.to_dict("records"), start=1):
@@ -103,7 +106,7 @@ def read_pairs(path: str, field_name: str, spec) -> pd.DataFrame:
             prompt, chosen_text, rejected_text = _split_conversations(chosen, rejected, where)
         else:
             raise DataError(f"{where}: the row has no '{spec.prompt}'; give a prompt, or chosen and rejected as whole conversations")
-        extra = {g: record.get(g) for g in spec.groups if g in record}
+        extra = {g: record.get(g) for g in spec.groups}
         rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text, "where": where, **extra})
     if not rows:
         raise DataError(f"{field_name}: {name} has no rows")

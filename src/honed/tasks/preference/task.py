@@ -14,7 +14,7 @@ import torch
 
 from ...errors import RecipeError
 from ...guards.overfit import overfitting_guard
-from ...guards.status import guard_result
+from ...guards.status import guard_result, skipped
 from ...models.causal_lm import load_causal_lm, lora_targets
 from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ChatRequest
@@ -171,6 +171,39 @@ def baseline(session, tuner, test_metrics: dict, before: dict, train_seconds: fl
                               f"starting model and {length:.0%} for 'prefer the longer reply'.", details)
 
 
+def bias(session, test_outputs: torch.Tensor, before: dict) -> dict:
+    """Preference accuracy per group of every data.groups column (groups of at least guards.min_group_size test
+    pairs); warn when the best and worst group differ by more than guards.bias_threshold."""
+    recipe = session.recipe
+    if not recipe.data.groups:
+        return skipped("No data.groups given; name columns of the pairs file in data.groups to compare groups.")
+    split = session.encoded["test"]
+    frame = session.splits.test.iloc[split.kept.tolist()].reset_index(drop=True)
+    reward_c, reward_r = model.rewards(test_outputs, split.objective)
+    correct = pd.Series((reward_c > reward_r).numpy())
+    per_column, worst = {}, None
+    for column in recipe.data.groups:
+        values = frame[column].astype(str)
+        sizes = values.value_counts()
+        measured = {g: {"pairs": int(n), model.PRIMARY: float(correct[values == g].mean())}
+                    for g, n in sizes.items() if n >= recipe.guards.min_group_size}
+        per_column[column] = {"groups": measured, "too_small": sorted(str(g) for g, n in sizes.items() if n < recipe.guards.min_group_size)}
+        if len(measured) >= 2:
+            scores = {g: v[model.PRIMARY] for g, v in measured.items()}
+            gap = max(scores.values()) - min(scores.values())
+            if worst is None or gap > worst[0]:
+                worst = (gap, column, min(scores, key=scores.get), max(scores, key=scores.get))
+    details = {"columns": per_column, "max_gap": None if worst is None else worst[0], "threshold": recipe.guards.bias_threshold}
+    if worst is None:
+        return guard_result("skipped", f"No data.groups column has two groups of at least {recipe.guards.min_group_size} test pairs "
+                                       "(guards.min_group_size).", details)
+    gap, column, low, high = worst
+    if gap > recipe.guards.bias_threshold:
+        return guard_result("warn", f"Preference accuracy differs by {gap:.2f} between {column}={low} and {column}={high} "
+                                    f"(guards.bias_threshold {recipe.guards.bias_threshold:g}).", details)
+    return guard_result("ok", f"Preference accuracy stays within {gap:.2f} across the groups of {', '.join(recipe.data.groups)}.", details)
+
+
 def write_predictions(path: Path, session, outputs: torch.Tensor) -> None:
     split = session.encoded["test"]
     frame = session.splits.test.iloc[split.kept.tolist()].reset_index(drop=True)
@@ -259,7 +292,7 @@ TASK = Task(
     forgetting=forgetting,
     overfitting=overfitting,
     baseline=baseline,
-    bias=None,
+    bias=bias,
     class_counts=labelled.no_classes,
     curve_subsets=labelled.shuffled_subsets,
     write_predictions=write_predictions,
