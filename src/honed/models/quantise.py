@@ -56,7 +56,7 @@ def check_bitsandbytes(device: torch.device) -> None:
 
 def quantisation_kwargs(recipe, precision: str, device: torch.device, skip: list[str] | None = None) -> dict:
     """quantization_config (and device_map) for `method: qlora`; empty for every other method."""
-    if recipe is None or recipe.method != "qlora":
+    if getattr(recipe, "method", None) != "qlora":
         return {}
     check_bitsandbytes(device)
     from transformers import BitsAndBytesConfig
@@ -74,8 +74,9 @@ def quantisation_kwargs(recipe, precision: str, device: torch.device, skip: list
 
 
 def load_settings(recipe, skip: list[str] | None = None) -> dict:
-    """quantisation_kwargs for the device and precision this run will train on."""
-    if recipe is None or recipe.method != "qlora":
+    """quantisation_kwargs for the device and precision this run will train on (a recipe-like object
+    without a method, as some callers pass, loads in full precision)."""
+    if getattr(recipe, "method", None) != "qlora":
         return {}
     from ..train.precision import device as pick_device
     from ..train.precision import resolve_precision
