@@ -29,7 +29,7 @@ def test_method_contract_tiny_bert(method, recipe_factory, tiny_bert, tmp_path):
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["task"] == "text-classification" and metrics["primary_metric"] == "accuracy"
-    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline"}
+    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline", "export"}
     for guard in metrics["guards"].values():
         assert guard["status"] in {"ok", "warn", "fail", "skipped"} and guard["summary"]
     assert {"accuracy", "f1_macro", "loss"} <= set(metrics["test"])
@@ -101,7 +101,7 @@ def test_method_contract_forecasting(method, tmp_path):
     for name in RUN_FILES:
         assert (run_dir / name).exists(), name
     metrics = result.metrics
-    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline"}
+    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline", "export"}
     assert {"mae", "rmse", "mase", "smape", "neg_mase"} <= set(metrics["test"]) and metrics["seasonal_naive"]["mase"] > 0
 
     before, after = _weights(tmp_path / "ckpt"), _weights(run_dir / "model")

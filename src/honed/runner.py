@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import track
 from .checks.curve import data_guard, learning_curve
-from .errors import TrainingInterrupted
+from .checks.export import export_guard
+from .errors import RecipeError, TrainingInterrupted
 from .fileio import write_json_atomic
 from .finetune import FineTuner, needs_pristine_again
 from .guards import data_curve
@@ -25,7 +26,7 @@ from .hooks import Hooks
 from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
-from .recipe import Recipe, main_seed
+from .recipe import Recipe, load_recipe, main_seed
 from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_recipe
 from .session import Session, prepare, setup
 from .train import distributed
@@ -100,11 +101,15 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     run_dir = resolve_run_dir(recipe, source, out)
     check_run_dir(run_dir, resume, overwrite)  # before anything is loaded: refuse what would lose work
     threads = set_threads(recipe.train.threads)
+    if resume:
+        resumed_rates(recipe, run_dir)
     session = setup(recipe, splits, cache, hooks)
     choose_engine(session, group)
     audit = run_audit(session)
     if main:
         open_run_dir(run_dir, recipe, audit, resume, overwrite)
+        if session.lr_range is not None:
+            write_json_atomic(run_dir / "lr_range.json", session.lr_range)
     distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
     if main:
         trackers.extend(track.open_trackers(recipe, run_dir))
@@ -124,6 +129,7 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     test_outputs = session.outputs(model, session.encoded["test"])  # the test split is touched once, here
     test_metrics = task.metrics(test_outputs, session.encoded["test"])
     write_model(session, model, run_dir, test_outputs)
+    export = export_guard(session, model, run_dir)  # model/ read back from disk behaves like `model`
     if before is None:
         before = task.before(session, cache)
     seeds = seed_spread(session, tuner, seed, test_metrics, show_progress)
@@ -134,6 +140,7 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
         "data": data_guard(session, tuner, trained.history, show_progress),
         "bias": task.bias(session, test_outputs, before) if task.bias else skipped("the bias guard covers classification tasks in this version"),
         "baseline": task.baseline(session, tuner, test_metrics, before, trained.train_seconds, show_progress),
+        "export": export,
     }
     metrics = assemble_metrics(session, model, trained, before, test_outputs, test_metrics, val_metrics, seeds, guards,
                                run_dir, started, threads)
@@ -164,6 +171,17 @@ def resolve_run_dir(recipe: Recipe, source, out) -> Path:
     run_dir = default_run_dir(recipe, source).resolve()
     recipe.out = str(run_dir)
     return run_dir
+
+
+def resumed_rates(recipe: Recipe, run_dir: Path) -> None:
+    """--resume: the learning rates `auto` resolved when the run started (the range test runs once per run)."""
+    try:
+        saved = load_recipe(run_dir / "recipe.yaml").train
+    except (RecipeError, OSError):
+        return  # no readable recipe: write_recipe refuses the resume with its own message
+    for key in ("lr", "head_lr"):
+        if getattr(recipe.train, key) == "auto":
+            setattr(recipe.train, key, getattr(saved, key))
 
 
 def run_audit(session: Session) -> dict:

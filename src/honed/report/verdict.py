@@ -16,6 +16,7 @@ GUARDS: list[tuple[str, str]] = [
     ("data", "Data sufficiency"),
     ("bias", "Bias"),
     ("baseline", "Baseline"),
+    ("export", "Export"),
 ]
 _MAX_CLASSES = 40
 
