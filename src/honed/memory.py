@@ -35,10 +35,14 @@ RUNTIME_OVERHEAD_MB = 530
 # Measured on a Llama block in fp32 by counting what autograd saves (saved_tensors_hooks, one
 # storage counted once), in elements per token of one block; see docs/memory.md.
 GATED_FULL_H, GATED_FULL_I = 10, 4  # full fine-tuning: 10·hidden + 4·intermediate (+ heads + seq for the packed mask)
-LORA_EXTRA_H, LORA_EXTRA_I = 8, 1  # peft's adapters add their dropout copies and low-rank inputs
-QLORA_SAVED_H, QLORA_SAVED_I = 3, 1  # bitsandbytes' 4-bit matmul saves no input: the frozen base layers' inputs drop out
-# Logits: the forward holds the logits, the shifted copy and log_softmax's output; the backward adds one gradient.
-TRAIN_LOGIT_COPIES = 4
+# What a process's RSS grows by over what autograd saves: the backward's gradient buffers and the
+# heap's holes (measured: a 500M Llama's LoRA step peaked 1.3x the saved tensors' bytes above its weights and logits).
+ALLOCATOR_FACTOR = 1.3
+# peft's adapters add their dropout copies and low-rank inputs; the same with 4-bit base layers (qlora, counted likewise)
+LORA_EXTRA_H, LORA_EXTRA_I = 8, 1
+# Logits: the forward holds the logits, the shifted copy and log_softmax's output, the backward a gradient while
+# the first are freed: 3.5 copies measured as peak RSS over a step (one process, nothing freed before it)
+TRAIN_LOGIT_COPIES = 3.5
 EVAL_LOGIT_COPIES = 3  # no backward, but the same three in the forward
 QUANT_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights (8-bit with double quantisation, else fp32)
 
@@ -199,8 +203,6 @@ def block_activation_bytes(shape: dict, plan: Plan, rows: int) -> float:
     elements = GATED_FULL_H * h + GATED_FULL_I * i + a + (s if plan.packed_mask else 0)
     if plan.method in ("lora", "qlora"):
         elements += LORA_EXTRA_H * h + LORA_EXTRA_I * i
-    if plan.method == "qlora":
-        elements -= QLORA_SAVED_H * h + QLORA_SAVED_I * i
     return tokens * elements * per
 
 
@@ -214,13 +216,13 @@ def activation_bytes(model: nn.Module, plan: Plan, rows: int) -> float:
     if not (shape["layers"] and shape["hidden"]):
         width = max((m.out_features for m in model.modules() if isinstance(m, nn.Linear)), default=256)
         return 6 * rows * max(plan.seq_len, 1) * width * 4
-    block = block_activation_bytes(shape, plan, rows)
+    block = block_activation_bytes(shape, plan, rows) * ALLOCATOR_FACTOR
     depth = shape["layers"]
     if plan.method == "freeze":  # nothing below the first trained block is kept for the backward
         n = depth // 2 if plan.freeze_layers == "half" else min(int(plan.freeze_layers), depth)
         depth -= n
     if plan.gradient_checkpointing:
-        return depth * rows * plan.seq_len * shape["hidden"] * per + 2 * block
+        return depth * rows * plan.seq_len * shape["hidden"] * per * ALLOCATOR_FACTOR + 2 * block
     return (depth + 1) * block
 
 
@@ -253,7 +255,9 @@ def estimate_training_memory(model: nn.Module, plan: Plan) -> dict:
             held_weights, held_grads, held_optimizer = block, block, 0
     elif world > 1:
         held_grads = 2 * gradients  # DDP's gradient buckets are a second copy of the gradients
-    step = held_grads + activations + logits
+    # the backward frees each block's saved tensors as it makes that block's gradients: the step's
+    # peak is the larger of the two, not their sum (measured: full fine-tuning of 125M and 500M Llamas)
+    step = max(activations + logits, held_grads + logits / TRAIN_LOGIT_COPIES)
     peak = held_weights + held_optimizer + max(step, eval_logits)
     return {"params": params, "trainable": trainable, "weights_mb": weights / MB, "gradients_mb": gradients / MB,
             "optimizer_mb": optimizer / MB, "activations_mb": activations / MB, "logits_mb": logits / MB,
