@@ -174,7 +174,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 
 @app.command()
 def serve(
-    run_dir: Path = typer.Argument(..., help="A finished run directory written by `honed run`."),
+    run_dirs: list[Path] = typer.Argument(..., help="One or more finished run directories written by `honed run`; each is a model id (its folder name)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; the default accepts local connections only."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     token: Optional[str] = typer.Option(None, "--token", envvar="HONED_TOKEN", show_envvar=True,
@@ -184,12 +184,12 @@ def serve(
     max_text: int = typer.Option(100_000, "--max-text", min=1, help="Longest text in characters (422 beyond)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: all cores but one)."),
 ):
-    """Serve a finished run over HTTP: GET /health, GET /v1/models, POST /v1/predict."""
+    """Serve finished runs over HTTP: GET /health, GET /v1/models, POST /v1/predict, POST /v1/chat/completions (streaming too)."""
     from .serve.app import serve as run_server
     from .serve.limits import Limits
 
-    limits = Limits(max_body_bytes=max_body, max_inputs=max_inputs, max_text_chars=max_text)
-    run_server(run_dir, host=host, port=port, token=token, limits=limits, threads=threads,
+    limits = Limits(max_body_bytes=max_body, max_inputs=max_inputs, max_text_chars=max_text, max_generations=max_generations)
+    run_server(run_dirs, host=host, port=port, token=token, limits=limits, threads=threads,
                announce=lambda line: err_console.print(line, markup=False, highlight=False))
 
 
@@ -198,6 +198,8 @@ def tune(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (an optional `tune: {space: ...}` section overrides the search space)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials this process runs (several processes on one study add up)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Time budget in seconds: no trial starts after it, a running one stops at its next evaluation."),
+    max_generations: int = typer.Option(16, "--max-generations", min=1,
+                                        help="Chat requests generating or waiting for the model, streams included (503 beyond)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql://user@host/db for many machines."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the name of OUT); workers on one study share it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for trial-NNNN/, best.yaml, best/ and tune.json (default: the recipe's out + '-tune')."),

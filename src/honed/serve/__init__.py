@@ -1,10 +1,12 @@
-"""`honed serve RUN_DIR`: a finished run behind HTTP (FastAPI + uvicorn).
+"""`honed serve RUN_DIR [RUN_DIR ...]`: finished runs behind HTTP (FastAPI + uvicorn), each a model
+id (its folder name) that a request's `model` field picks.
 
     GET  /health        liveness, no auth: {"status": "ok"}
-    GET  /v1/models     OpenAI-style list: the run (id = run directory name), its task and labels
+    GET  /v1/models     OpenAI-style list: the runs (id = run directory name), task and labels
     POST /v1/predict    {"inputs": [{"<text column>": "..."}, ...]}
                         → {"model": id, "predictions": [{"label": ..., "probabilities": {label: p}}]}
-    POST /v1/chat/completions   a chat run, OpenAI-compatible (non-streaming)
+    POST /v1/chat/completions   a chat run, OpenAI-compatible, streamed as server-sent events
+                        with stream: true (stop sequences, seed, n, logit_bias)
 
 The model is loaded once, before the port is bound; a RUN_DIR that is not a finished run is
 a RecipeError (exit 2). Requests that arrive together are micro-batched: the batcher collects
@@ -23,6 +25,9 @@ needs neither fastapi nor torch):
     http_errors.py  the error body, HTTPError, pydantic errors as one safe message
     limits.py       Limits, the bearer token, RequestGuard (auth + body size, pure ASGI)
     batching.py     MicroBatcher
+    generation.py   chat generation token by token in a worker thread; stop sequences; slots
+    bodies.py       a request body: JSON, validated, and the run its `model` names
+    chat_api.py     POST /v1/chat/completions: replies, `n` choices, streams
     loaders.py      a finished run → Served: LOADERS (task → loader), bucketed forward passes
     routes.py       the task endpoints: ENDPOINTS (task → {path: route builder})
     app.py          create_app (the FastAPI app) and serve (bind, then uvicorn)

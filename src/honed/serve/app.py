@@ -8,6 +8,7 @@ import os
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import HonedError, RecipeError
 from .batching import MicroBatcher, Overloaded
@@ -61,22 +62,43 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(503, "the server is busy; retry shortly", "overloaded_error", headers={"retry-after": "1"})
 
 
-def create_app(served: Served, token: str | None = None, limits: Limits = Limits()) -> FastAPI:
-    """The ASGI app for a loaded run. `token` (when given) guards every /v1 path."""
+def keyed_runs(served: Served | Sequence[Served]) -> dict[str, Served]:
+    """{model id: run}; two runs with one id (folders of the same name) are a RecipeError."""
+    runs: dict[str, Served] = {}
+    for one in [served] if isinstance(served, Served) else list(served):
+        if one.model_id in runs:
+            raise RecipeError(f"RUN_DIR: two runs are both named '{one.model_id}' (the model id is the folder's name); "
+                              "rename one of the folders")
+        runs[one.model_id] = one
+    if not runs:
+        raise RecipeError("RUN_DIR: give at least one finished run directory")
+    return runs
+
+
+def create_app(served: Served | Sequence[Served], token: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The ASGI app for one or several loaded runs (each a model id; a request's `model` picks
+    one). `token` (when given) guards every /v1 path."""
     limits.check()
-    batcher = MicroBatcher(served.predict, limits.batch_texts, limits.batch_wait_ms / 1000.0, limits.max_pending_texts)
+    runs = keyed_runs(served)
+    batchers = {model_id: MicroBatcher(one.predict, limits.batch_texts, limits.batch_wait_ms / 1000.0, limits.max_pending_texts)
+                for model_id, one in runs.items() if one.task == "text-classification"}
 
     @asynccontextmanager
     async def lifespan(app):
-        await batcher.start()
+        for batcher in batchers.values():
+            await batcher.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            for batcher in batchers.values():
+                await batcher.stop()
 
     app = FastAPI(title="honed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.served = served
-    app.state.batcher = batcher
+    app.state.runs = runs
+    app.state.batchers = batchers
+    if len(runs) == 1:  # what in-process callers of one run have always read
+        app.state.served = next(iter(runs.values()))
+        app.state.batcher = next(iter(batchers.values()), None)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -85,13 +107,17 @@ def create_app(served: Served, token: str | None = None, limits: Limits = Limits
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "honed",
-                "task": served.task, "labels": served.labels, "input": served.input_column,
-                "endpoints": sorted(ENDPOINTS[served.task])}
-        return {"object": "list", "data": [card]}
+        cards = [{"id": one.model_id, "object": "model", "created": one.created, "owned_by": "honed",
+                  "task": one.task, "labels": one.labels, "input": one.input_column,
+                  "endpoints": sorted(ENDPOINTS[one.task])} for one in runs.values()]
+        return {"object": "list", "data": cards}
 
-    for build in ENDPOINTS[served.task].values():
-        build(app, served, limits, batcher)
+    builders: dict[str, tuple] = {}  # path → (builder, {model id: run}): one route per path, for all its runs
+    for model_id, one in runs.items():
+        for path, build in ENDPOINTS[one.task].items():
+            builders.setdefault(path, (build, {}))[1][model_id] = one
+    for build, path_runs in builders.values():
+        build(app, path_runs, limits, batchers)
 
     app.add_middleware(RequestGuard, token=token, max_body_bytes=limits.max_body_bytes)
     return app
@@ -128,16 +154,17 @@ def inference_threads(requested: int | None) -> int:
     return max(1, cores - 1)
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+def serve(run_dirs: str | Path | Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           limits: Limits = Limits(), threads: int | None = None, announce=print) -> None:
-    """Load the run, bind, serve until SIGINT/SIGTERM."""
+    """Load the runs (one or several), bind, serve until SIGINT/SIGTERM."""
     from ..train.precision import set_threads
 
     token = check_token(token)
     limits.check()
     set_threads(inference_threads(threads))
-    served = load_run(run_dir)
-    app = create_app(served, token, limits)
+    paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    runs = keyed_runs([load_run(path) for path in paths])
+    app = create_app(list(runs.values()), token, limits)
     sock = bind(host, port)
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     if not loopback and token is None:
@@ -146,8 +173,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
                             limit_concurrency=1024, timeout_keep_alive=5, lifespan="on")
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
-    announce(f"serving {served.model_id} ({served.task}, {len(served.labels)} labels) on http://{shown}:{port}"
-             f"{'  (bearer token required)' if token else ''}")
+    names = ", ".join(f"{one.model_id} ({one.task}, {len(one.labels)} labels)" if one.labels else f"{one.model_id} ({one.task})"
+                      for one in runs.values())
+    announce(f"serving {names} on http://{shown}:{port}{'  (bearer token required)' if token else ''}")
     try:
         server.run(sockets=[sock])
     finally:

@@ -24,9 +24,11 @@ class Limits:
     batch_texts: int = 64  # the batcher stops collecting at this many texts
     batch_wait_ms: float = 5.0  # ... or after this long
     max_pending_texts: int = 8192  # texts waiting for the model; beyond → 503 (bounded memory)
+    max_generations: int = 16  # chat requests generating or waiting for the model (streams included); beyond → 503
 
     def check(self) -> None:
-        for name in ("max_body_bytes", "max_inputs", "max_text_chars", "batch_texts", "max_pending_texts"):
+        for name in ("max_body_bytes", "max_inputs", "max_text_chars", "batch_texts", "max_pending_texts",
+                     "max_generations"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RecipeError(f"serve limit '{name}' must be a positive integer. Got {value!r} instead.")

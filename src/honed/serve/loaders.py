@@ -142,32 +142,21 @@ def load_text_classifier(run_dir: Path, meta: dict) -> Served:
 
 # --------------------------------------------------------------------------- chat
 
-def token_usage(tokenizer, messages: list[dict], reply: str) -> dict:
-    """OpenAI's `usage`: prompt tokens as the chat template renders them, and the reply's tokens."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt, dict) or hasattr(prompt, "keys"):  # newer transformers return an encoding
-        prompt = prompt["input_ids"]
-    completion = len(tokenizer(reply, add_special_tokens=False)["input_ids"])
-    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
-
-
 def load_chat_model(run_dir: Path, meta: dict) -> Served:
-    """A chat run: generation goes through tasks.chat.model.generate_chat (one model load, thread-safe).
-    Needs no labels; model/honed.json's family and tokenizer are checked by load_saved, the
-    messages themselves per request."""
+    """A chat run: a ChatGenerator (serve/generation.py) over the loaded model, which encodes each
+    request's prompt and generates token by token. Needs no labels; model/honed.json's family and
+    tokenizer are checked by load_saved, the messages themselves per request."""
     from ..models.load import load_saved
-    from ..tasks.chat.model import generate_chat
+    from .generation import ChatGenerator
 
     bundle = load_saved(run_dir / "model")
+    if bundle.family != "causal-lm":
+        raise RecipeError(f"RUN_DIR: {run_dir} is a {bundle.family} model, not a chat model; the run directory is damaged")
     bundle.model.eval()
-
-    def reply(messages: list[dict], max_tokens: int, temperature: float) -> tuple[str, dict]:
-        text = generate_chat(bundle, messages, max_tokens=max_tokens, temperature=temperature)
-        return text, token_usage(bundle.tokenizer, messages, text)
-
     created = int((run_dir / "metrics.json").stat().st_mtime)
-    return Served(model_id=run_dir.resolve().name, task="chat", labels=[], input_column=str(meta.get("messages_column", "messages")),
-                  created=created, predict=lambda texts: [], info={"reply": reply})
+    return Served(model_id=run_dir.resolve().name, task="chat", labels=[],
+                  input_column=str(meta.get("messages_column", "messages")), created=created,
+                  predict=lambda texts: [], info={"generator": ChatGenerator(bundle)})
 
 
 LOADERS: dict[str, Callable[[Path, dict], Served]] = {
