@@ -16,6 +16,8 @@ from . import track
 from .auto import resolve_auto, resolve_rates
 from .errors import RecipeError
 from .hooks import Hooks
+from .lr_range import applies as range_test_applies
+from .lr_range import resolve_lr
 from .methods import METHODS
 from .memory import Plan, available_mb, check_memory, estimate_training_memory, resolve_gradient_checkpointing
 from .models.load import ModelBundle
@@ -49,6 +51,7 @@ class Session:
     original_head: torch.nn.Module | None  # the source model's head, for its original task
     memory_estimate: dict
     hooks: Hooks = field(default_factory=Hooks)
+    lr_range: dict | None = None  # the learning-rate range test's curve (RUN_DIR/lr_range.json), when `train.lr: auto` ran it
 
     def outputs(self, model, split) -> torch.Tensor:
         """The task's outputs for an encoded split (logits, forecasts, per-conversation NLL)."""
@@ -109,7 +112,8 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     dev = pick_device()
     task = TASKS[recipe.task]
     bundle = task.load_model(recipe, splits)
-    resolve_rates(recipe, bundle.family)
+    range_test = range_test_applies(recipe, bundle.family, recipe.train.lr == "auto")
+    resolve_rates(recipe, bundle.family)  # the table's rate: the memory check's input and the range test's prior
     precision = resolve_precision(recipe.train.precision, dev)
     memory = memory_estimate(recipe, task, bundle, precision, splits, dev, memory_mb)
     key = features_key(recipe, precision)
@@ -128,6 +132,8 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     # epochs, max_steps and eval_every count the training plan's batches (packed chat rows, not conversations)
     plan = task.batches(encoded["train"], recipe, seed, bundle.pad_id).plan(0)
     resolve_auto(recipe, bundle.family, len(splits.train), len(plan))
+    # after encoding (it needs batches) and before anything trains; the model and random state are restored
+    lr_range = resolve_lr(recipe, task, bundle, encoded, features, precision, dev, seed) if range_test else None
     g = torch.Generator().manual_seed(seed)
     # the gap needs the training score only as precisely as the validation score it is compared with
     train_eval_rows = min(TRAIN_EVAL_ROWS, max(256, len(encoded["validation"])))
@@ -135,7 +141,7 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     release_free_memory()
     reference, original_head = task.load_reference(recipe, bundle, encoded)
     return Session(recipe, task, splits, bundle, encoded, features, precision, dev, eval_bs, train_eval_idx,
-                   reference, original_head, memory, hooks)
+                   reference, original_head, memory, hooks, lr_range)
 
 
 def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None) -> Plan:

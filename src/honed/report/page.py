@@ -24,6 +24,7 @@ from typing import Callable
 from honed.report.audit import section_audit, section_recipe
 from honed.report.curves import section_learning_curve, section_training
 from honed.report.forgetting_bias import section_bias, section_forgetting
+from honed.report.lr_range import section_lr_range
 from honed.report.markup import esc
 from honed.report.preference import section_preference
 from honed.report.rundata import RunData, load_run
@@ -34,6 +35,7 @@ SECTIONS: list[tuple[str, str, Callable[[RunData], str]]] = [
     ("verdict", "Verdict", section_verdict),
     ("headline", "Headline figures", section_headline),
     ("training", "Training curves", section_training),
+    ("lr-range", "Learning-rate range test", section_lr_range),
     ("preference", "Preferences", section_preference),
     ("learning-curve", "Learning curve", section_learning_curve),
     ("forgetting", "Forgetting trade-off", section_forgetting),
