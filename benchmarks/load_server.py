@@ -16,6 +16,13 @@ and stops it at the end.
     python benchmarks/load_server.py --size distilbert          # a DistilBERT-size model
     python benchmarks/load_server.py --run-dir runs/my-run      # serve an existing run
     python benchmarks/load_server.py --url http://127.0.0.1:8000 --pid 1234 --token T   # a running server
+
+Streaming mode (issue 16 part 5), for a chat run: N clients each stream M replies from
+POST /v1/chat/completions (stream: true, include_usage) and the script reports time to first
+token p50/p99, tokens/s per stream (completion tokens over the time from the first piece to the
+last) and errors (non-200, a transport error, a stream without [DONE] or usage):
+
+    python benchmarks/load_server.py --stream --run-dir runs/my-chat-run --clients 4 --requests 10
 """
 
 from __future__ import annotations
@@ -177,6 +184,88 @@ async def load(url: str, headers: dict, texts: list[str], clients: int, requests
     return latencies, errors, time.perf_counter() - start
 
 
+STREAM_PROMPTS = ["My router will not turn on.", "My phone is very slow.", "My laptop arrived broken.",
+                  "My printer lost its password.", "Where is my order?", "How do I reset my headset?"]
+
+
+async def stream_loop(url: str, headers: dict, model: str, requests: int, max_tokens: int, offset: int,
+                      firsts: list, rates: list, errors: list, stop_at: float) -> None:
+    """One client: `requests` streamed replies, one after another, on one keep-alive connection."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, trust_env=False, timeout=120,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as client:
+        for i in range(requests):
+            if time.monotonic() > stop_at:
+                errors.append("stopped at --timeout")
+                return
+            body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": STREAM_PROMPTS[(offset + i) % len(STREAM_PROMPTS)]}]}
+            start = time.perf_counter()
+            first = last = None
+            tokens, done = None, False
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    if response.status_code != 200:
+                        errors.append(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                        continue
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        payload = line[len("data: "):]
+                        if payload == "[DONE]":
+                            done = True
+                            continue
+                        event = json.loads(payload)
+                        if event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+                        if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                            last = time.perf_counter()
+                            first = first or last
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+                continue
+            if not done or tokens is None:
+                errors.append("a stream without [DONE] or usage")
+                continue
+            if first is not None:
+                firsts.append(first - start)
+                if tokens > 1 and last > first:
+                    rates.append((tokens - 1) / (last - first))  # the first token's time is the time to first token
+
+
+async def stream_load(url: str, headers: dict, model: str, clients: int, requests: int, max_tokens: int,
+                      timeout: float) -> tuple[list, list, list, float]:
+    firsts: list[float] = []
+    rates: list[float] = []
+    errors: list[str] = []
+    stop_at = time.monotonic() + timeout
+    start = time.perf_counter()
+    await asyncio.gather(*(stream_loop(url, headers, model, requests, max_tokens, c * 7, firsts, rates, errors, stop_at)
+                           for c in range(clients)))
+    return firsts, rates, errors, time.perf_counter() - start
+
+
+def report_streams(url: str, model: str, args, firsts: list, rates: list, errors: list, seconds: float) -> dict:
+    ms = [x * 1000 for x in firsts]
+    figures = {
+        "url": url, "model": model, "mode": "stream", "clients": args.clients, "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens, "streams": len(firsts), "seconds": round(seconds, 2),
+        "time_to_first_token_ms": {"p50": round(percentile(ms, 0.5), 1), "p99": round(percentile(ms, 0.99), 1),
+                                   "max": round(max(ms), 1) if ms else None},
+        "tokens_per_s_per_stream": {"p50": round(percentile(rates, 0.5), 1), "p10": round(percentile(rates, 0.1), 1),
+                                    "mean": round(statistics.fmean(rates), 1) if rates else None},
+        "errors": len(errors), "error_kinds": sorted(set(errors))[:5],
+    }
+    print(f"server: {url}  model: {model}  load: {args.clients} clients x {args.requests} streams, max_tokens {args.max_tokens}")
+    ttft, rate = figures["time_to_first_token_ms"], figures["tokens_per_s_per_stream"]
+    print(f"streams: {len(firsts)} in {seconds:.1f} s; time to first token p50 {ttft['p50']} ms, p99 {ttft['p99']} ms, max {ttft['max']} ms")
+    print(f"tokens/s per stream: p50 {rate['p50']}, p10 {rate['p10']}, mean {rate['mean']}")
+    print(f"errors: {len(errors)}" + (f"  ({'; '.join(figures['error_kinds'])})" if errors else ""))
+    print(f"machine: {common.machine_cell(common.machine())}, load average {common.load_average():.1f}")
+    return figures
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -195,16 +284,21 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="stop the load after this many seconds (default 900)")
     parser.add_argument("--size", choices=["small", "distilbert"], default="small",
                         help="model built when no --run-dir/--url: small (4 layers, width 256) or distilbert (6 x 768)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="max_length of the built run and longest generated text (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_length of the built run and longest generated text; with --stream, max_tokens of each reply (default 64)")
     parser.add_argument("--run-dir", type=Path, help="serve this finished run instead of building one")
     parser.add_argument("--url", help="load a server that is already running (no start/stop)")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for the RSS samples")
     parser.add_argument("--token", default=os.environ.get("HONED_TOKEN"), help="bearer token (default: $HONED_TOKEN; a random one when the script starts the server)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the built run and the server log (their folder is printed)")
+    parser.add_argument("--stream", action="store_true", help="stream chat replies (needs --run-dir or --url of a chat run)")
     args = parser.parse_args()
     if min(args.clients, args.requests, args.inputs) < 1:
         parser.error("--clients, --requests and --inputs must be at least 1")
+    if args.stream and not (args.run_dir or args.url):
+        parser.error("--stream: give a chat run with --run-dir (or a running chat server with --url)")
+    if args.stream and args.clients > 16:
+        parser.error("--stream: at most 16 clients (the server's default --max-generations; more are refused with 503)")
 
     import httpx
 
@@ -228,6 +322,17 @@ def main() -> None:
             response = client.get("/v1/models")
             response.raise_for_status()
             card = response.json()["data"][0]
+            if args.stream:
+                client.post("/v1/chat/completions", json={"model": card["id"], "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]}).raise_for_status()
+                firsts, rates, errors, seconds = asyncio.run(stream_load(url, headers, card["id"], args.clients, args.requests,
+                                                                         args.max_tokens, args.timeout))
+                figures = report_streams(url, card["id"], args, firsts, rates, errors, seconds)
+                if args.json:
+                    args.json.write_text(json.dumps(figures, indent=2))
+                if errors:
+                    sys.exit(1)
+                return
             labels, column = set(card["labels"]), card.get("input", "text")
             texts = [t for t, _ in common.generate_rows(512, seed=99, max_tokens=args.max_tokens)]
             for i in range(args.warmup):
