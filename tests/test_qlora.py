@@ -117,3 +117,13 @@ def test_qlora_refuses_guards_that_need_full_precision_copies(tmp_path, tiny_lla
 def test_a_device_without_a_kernel_is_refused():
     with pytest.raises(RecipeError, match="no 4-bit kernel for the meta device"):
         check_bitsandbytes(torch.device("meta"))
+
+
+def test_adapter_export_is_verified_on_the_quantised_base(qlora_run, tmp_path):
+    from honed.exporting import export_run
+
+    run_dir, _ = qlora_run
+    report = export_run(run_dir, "adapter", tmp_path / "adapter")["verification"]
+    assert report["loaded_with"] == "PeftModel.from_pretrained on the 4-bit base"
+    assert report["max_abs_diff"] <= report["tolerance"] * report["scale"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

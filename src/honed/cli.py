@@ -160,6 +160,22 @@ def curve(
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory written by `honed run`."),
+    fmt: str = typer.Option("hf", "--format", "-f", help="hf, adapter (PEFT), onnx (classifiers and regressors) or gguf (Llama-family chat models)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: RUN_DIR/export/FORMAT); never overwritten."),
+    dtype: str = typer.Option("f16", "--dtype", help="gguf only: f16, bf16 or q8_0."),
+):
+    """Write the model in a deployable format, loaded back and checked against the run's model on validation inputs first."""
+    from .exporting import export_run
+
+    result = export_run(run_dir, fmt, out, dtype)
+    figures = result["verification"]
+    out_console.print(f"export: {result['path']} ({fmt}; verified with {figures.get('loaded_with', '?')}: max |Δ| "
+                      f"{figures['max_abs_diff']:.3g} within {figures['tolerance'] * figures['scale']:.3g})")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `honed run`.")):
     """Rebuild RUN_DIR/report.html from the run directory's files."""
     from .report import build_report
@@ -182,6 +198,8 @@ def serve(
     max_body: int = typer.Option(1024 * 1024, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
     max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs in one request (422 beyond)."),
     max_text: int = typer.Option(100_000, "--max-text", min=1, help="Longest text in characters (422 beyond)."),
+    max_generations: int = typer.Option(16, "--max-generations", min=1,
+                                        help="Chat requests generating or waiting for the model, streams included (503 beyond)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the model (default: all cores but one)."),
 ):
     """Serve finished runs over HTTP: GET /health, GET /v1/models, POST /v1/predict, POST /v1/chat/completions (streaming too)."""
@@ -198,8 +216,6 @@ def tune(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (an optional `tune: {space: ...}` section overrides the search space)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials this process runs (several processes on one study add up)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Time budget in seconds: no trial starts after it, a running one stops at its next evaluation."),
-    max_generations: int = typer.Option(16, "--max-generations", min=1,
-                                        help="Chat requests generating or waiting for the model, streams included (503 beyond)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql://user@host/db for many machines."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the name of OUT); workers on one study share it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for trial-NNNN/, best.yaml, best/ and tune.json (default: the recipe's out + '-tune')."),
