@@ -40,10 +40,13 @@ GATED_FULL_H, GATED_FULL_I = 10, 4  # full fine-tuning: 10·hidden + 4·intermed
 ALLOCATOR_FACTOR = 1.3
 # peft's adapters add their dropout copies and low-rank inputs; the same with 4-bit base layers (qlora, counted likewise)
 LORA_EXTRA_H, LORA_EXTRA_I = 8, 1
-# Logits: the forward holds the logits, the shifted copy and log_softmax's output, the backward a gradient while
-# the first are freed: 3.5 copies measured as peak RSS over a step (one process, nothing freed before it)
-TRAIN_LOGIT_COPIES = 3.5
-EVAL_LOGIT_COPIES = 3  # no backward, but the same three in the forward
+# Logits: the forward holds the logits and log_softmax's output (the chat loss shifts the targets, not
+# the logits), the backward a gradient while the first are freed: 3.5 copies were measured as peak RSS
+# over a step with the shifted copy, one fewer without it
+TRAIN_LOGIT_COPIES = 2.5
+EVAL_LOGIT_COPIES = 3  # no backward: logits, log_softmax, the float copy (measured 3.1)
+# tasks/chat/model.py sizes evaluation batches so their logits, held about three times, stay within this
+EVAL_LOGITS_BYTES = 512 * MB
 QUANT_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights (8-bit with double quantisation, else fp32)
 
 
@@ -245,7 +248,8 @@ def estimate_training_memory(model: nn.Module, plan: Plan) -> dict:
     activations = activation_bytes(model, plan, rows)
     per_token_logits = plan.family == "causal-lm" and shape["vocab"] > 0
     logits = TRAIN_LOGIT_COPIES * rows * plan.seq_len * shape["vocab"] * 4 if per_token_logits else 0
-    eval_logits = EVAL_LOGIT_COPIES * plan.eval_rows * plan.seq_len * shape["vocab"] * 4 if per_token_logits else 0
+    eval_rows = max(1, min(plan.eval_rows, EVAL_LOGITS_BYTES // (EVAL_LOGIT_COPIES * 4 * plan.seq_len * max(1, shape["vocab"]))))
+    eval_logits = EVAL_LOGIT_COPIES * eval_rows * plan.seq_len * shape["vocab"] * 4 if per_token_logits else 0
     held_weights, held_grads, held_optimizer = weights, gradients, optimizer
     if plan.fsdp and world > 1:
         # each process keeps 1/N of every sharded tensor, and gathers one block whole (weights and gradients) at a time
