@@ -139,3 +139,17 @@ def test_explicit_rates_and_untested_tasks_keep_the_table(recipe_factory):
     assert not lr_range.applies(recipe, bundle.family, True)
     recipe.method = "full"
     assert lr_range.applies(recipe, bundle.family, True)
+
+
+def test_a_resumed_run_reads_the_rates_it_started_with(recipe_factory, tmp_path):
+    from honed.recipe import load_recipe
+    from honed.rundir import write_recipe
+    from honed.runner import resumed_rates
+
+    started = load_recipe(str(recipe_factory(**{"train.lr": 0.0123})))
+    run_dir = tmp_path / "started"  # not tmp_path: recipe_factory writes its recipe.yaml there
+    run_dir.mkdir()
+    write_recipe(run_dir, started, resume=False)
+    again = load_recipe(str(recipe_factory(**FAST)))
+    resumed_rates(again, run_dir)
+    assert again.train.lr == 0.0123, "--resume does not run the range test again"
