@@ -49,7 +49,7 @@ def schedule(steps: int) -> list[float]:
     return [START_LR * (END_LR / START_LR) ** (i / max(1, steps - 1)) for i in range(steps)]
 
 
-def test_steps(total_steps: int | None) -> int:
+def range_steps(total_steps: int | None) -> int:
     """A tenth of the run's own optimizer steps, between MIN_STEPS and MAX_STEPS (MAX_STEPS when unknown)."""
     return MAX_STEPS if total_steps is None else int(min(MAX_STEPS, max(MIN_STEPS, total_steps // 10)))
 
@@ -199,7 +199,7 @@ def resolve_lr(recipe: Recipe, task, bundle, encoded: dict, features: dict, prec
         if recipe.method == "head" and task.cached_head is not None:
             lrs, losses, diverged = sweep_head(recipe, task, bundle, features, encoded["train"].labels, device, seed, MAX_STEPS)
         else:
-            steps = test_steps(recipe.train.max_steps if isinstance(recipe.train.max_steps, int) else None)
+            steps = range_steps(recipe.train.max_steps if isinstance(recipe.train.max_steps, int) else None)
             lrs, losses, diverged = sweep_model(recipe, task, bundle, encoded["train"], precision, device, seed, steps)
     finally:
         set_rng_state(state)  # the run draws the same dropout masks and initialisations as without the test
