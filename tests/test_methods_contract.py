@@ -85,7 +85,7 @@ def test_method_contract_wordllama(method, text_csv, tmp_path):
     assert set(state) == {"embedding.weight", "classifier.weight", "classifier.bias"}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "qlora"])  # qlora quantises transformers' language models
 def test_method_contract_forecasting(method, tmp_path):
     """Forecasting × every method, from a tiny local PatchTST checkpoint: what trains is what the method says."""
     from test_forecasting import make_series, spec

@@ -19,7 +19,6 @@ is on disk, read back by fresh objects.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
@@ -64,7 +63,6 @@ def export_guard(session, model: torch.nn.Module, run_dir) -> dict:
     from ..models.load import load_saved
     from ..tasks.chat.model import generations
 
-    started = time.perf_counter()
     task, recipe = session.task, session.recipe
     try:
         reloaded = load_saved(run_dir / "model")
@@ -105,7 +103,6 @@ def export_guard(session, model: torch.nn.Module, run_dir) -> dict:
         details["greedy_agreement"] = sum(a == b for a, b in zip(ours_text, theirs_text)) / max(1, len(prompts))
         if ours_text != theirs_text:
             problems.append(f"greedy replies differ for {sum(a != b for a, b in zip(ours_text, theirs_text))} of {len(prompts)} prompts")
-    details["seconds"] = round(time.perf_counter() - started, 2)
     del reloaded
     if problems:
         return guard_result("fail", "RUN_DIR/model, loaded back, does not behave like the trained model: " + "; ".join(problems) + ".", details)
