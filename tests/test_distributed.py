@@ -60,6 +60,17 @@ def kill_job(proc: subprocess.Popen) -> None:
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker survived the kill"
 
 
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Wait for the run's first committed checkpoint, then SIGKILL every process of the job."""
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "model.LATEST").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    kill_job(proc)
+    assert not (run_dir / "metrics.json").exists(), "the kill must land before training finished"
+
+
 def single(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "honed", *map(str, args)], env=env or ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -130,13 +141,7 @@ def test_killed_distributed_run_resumes_to_the_uninterrupted_result(setup_dir, t
     # rank 0 sleeps after each checkpoint commit: a window for the kill, mid-training
     proc = torchrun("run", setup_dir / "recipe.yaml", "--out", run_dir,
                     env={**ENV, "HONED_FAULT": "checkpoint-commit:sleep=1"})
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "model.LATEST").exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    kill_job(proc)
-    assert not (run_dir / "metrics.json").exists(), "the kill must land before training finished"
+    kill_after_first_checkpoint(proc, run_dir)
     finish(torchrun("run", setup_dir / "recipe.yaml", "--out", run_dir, "--resume"))
     (m_ref, w_ref), (m_res, w_res) = final_state(two_processes), final_state(run_dir)
     assert m_ref["validation"] == m_res["validation"] and m_ref["test"] == m_res["test"]

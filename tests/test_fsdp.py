@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 from chat_helpers import PROBLEMS, PRODUCTS, build_tiny_llama, build_tokenizer, write_chat_recipe
 from reliability.harness import final_state
-from test_distributed import ENV, finish, kill_job, single, torchrun
+from test_distributed import ENV, finish, kill_after_first_checkpoint, single, torchrun
 
 # FSDP is asked for the way an Accelerate config does; the recipe keeps `train.distributed: auto`,
 # so the same run directory can be resumed in one process (where fsdp/ddp are refused)
@@ -87,16 +86,6 @@ def close(a: Path, b: Path) -> None:
     assert abs(m1["test"]["loss"] - m2["test"]["loss"]) < LOSS_TOLERANCE
     assert w1.keys() == w2.keys()
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < WEIGHT_TOLERANCE
-
-
-def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "model.LATEST").exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    kill_job(proc)
-    assert not (run_dir / "metrics.json").exists(), "the kill must land before training finished"
 
 
 def moved(run_dir: Path, to: Path) -> Path:

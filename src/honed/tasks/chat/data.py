@@ -71,24 +71,32 @@ def _carve(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFram
     return frame.drop(carved.index).reset_index(drop=True), carved.reset_index(drop=True)
 
 
-def load_chat_splits(recipe, seed: int) -> TextSplits:
-    """Train (and validation/test when given) as frames with one `messages` column; missing splits carved at random."""
-    spec = recipe.data
+def carve_missing(spec, train: pd.DataFrame, validation, test, seed: int, unit: str):
+    """(train, validation, test, notes): the splits the recipe did not give, carved from train at random
+    (test first, then validation); `unit` names the rows in messages ("conversations", "pairs")."""
     notes: list[dict] = []
-    train = _read(spec.train, "data.train", spec.messages)
-    validation = _read(spec.validation, "data.validation", spec.messages) if spec.validation else None
-    test = _read(spec.test, "data.test", spec.messages) if spec.test else None
     needed = (validation is None) + (test is None)
     if needed and len(train) < 3 * needed:
-        raise DataError(f"data.train: {Path(spec.train).name} has {len(train)} conversations; too few to carve validation and test splits; "
-                        "give data.validation and data.test, or more conversations")
+        raise DataError(f"data.train: {Path(spec.train).name} has {len(train)} {unit}; too few to carve validation and test splits; "
+                        f"give data.validation and data.test, or more {unit}")
     if test is None:
         train, test = _carve(train, spec.test_fraction, seed)
-        notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} conversations, random, seed {seed})"})
+        notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} {unit}, random, seed {seed})"})
     if validation is None:
         fraction = spec.validation_fraction / (1 - spec.test_fraction) if not spec.test else spec.validation_fraction
         train, validation = _carve(train, fraction, seed + 1)
-        notes.append({"level": "info", "code": "split", "message": f"validation split carved from train ({len(validation)} conversations, random, seed {seed + 1})"})
+        notes.append({"level": "info", "code": "split",
+                      "message": f"validation split carved from train ({len(validation)} {unit}, random, seed {seed + 1})"})
+    return train, validation, test, notes
+
+
+def load_chat_splits(recipe, seed: int) -> TextSplits:
+    """Train (and validation/test when given) as frames with one `messages` column; missing splits carved at random."""
+    spec = recipe.data
+    train = _read(spec.train, "data.train", spec.messages)
+    validation = _read(spec.validation, "data.validation", spec.messages) if spec.validation else None
+    test = _read(spec.test, "data.test", spec.messages) if spec.test else None
+    train, validation, test, notes = carve_missing(spec, train, validation, test, seed, "conversations")
     return TextSplits(train, validation, test, [], notes)
 
 

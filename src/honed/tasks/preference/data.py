@@ -18,7 +18,7 @@ import pandas as pd
 
 from ...data.load import read_table
 from ...errors import DataError
-from ..chat.data import validate_messages
+from ..chat.data import carve_missing, validate_messages
 
 LENGTH_BIAS = 0.8  # the longer reply is the chosen one in more than this share of pairs (or less than 1 − it): flagged
 
@@ -116,30 +116,13 @@ def read_pairs(path: str, field_name: str, spec) -> pd.DataFrame:
     return out
 
 
-def _carve(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    n = max(1, int(round(len(frame) * fraction)))
-    carved = frame.sample(n=n, random_state=seed)
-    return frame.drop(carved.index).reset_index(drop=True), carved.reset_index(drop=True)
-
-
 def load_preference_splits(recipe, seed: int) -> PreferenceSplits:
     """Train (and validation/test when given); missing splits carved at random; identical pairs dropped and counted."""
     spec = recipe.data
-    notes: list[dict] = []
     train = read_pairs(spec.train, "data.train", spec)
     validation = read_pairs(spec.validation, "data.validation", spec) if spec.validation else None
     test = read_pairs(spec.test, "data.test", spec) if spec.test else None
-    needed = (validation is None) + (test is None)
-    if needed and len(train) < 3 * needed:
-        raise DataError(f"data.train: {Path(spec.train).name} has {len(train)} pairs; too few to carve validation and test splits; "
-                        "give data.validation and data.test, or more pairs")
-    if test is None:
-        train, test = _carve(train, spec.test_fraction, seed)
-        notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} pairs, random, seed {seed})"})
-    if validation is None:
-        fraction = spec.validation_fraction / (1 - spec.test_fraction) if not spec.test else spec.validation_fraction
-        train, validation = _carve(train, fraction, seed + 1)
-        notes.append({"level": "info", "code": "split", "message": f"validation split carved from train ({len(validation)} pairs, random, seed {seed + 1})"})
+    train, validation, test, notes = carve_missing(spec, train, validation, test, seed, "pairs")
     splits = {}
     for name, frame in (("train", train), ("validation", validation), ("test", test)):
         same = frame["chosen"] == frame["rejected"]
