@@ -40,6 +40,7 @@ ROWS = {  # recipe overrides of each row
     "lora": ["method=lora", "train.gradient_checkpointing=false"],
     "qlora": ["method=qlora", "train.gradient_checkpointing=false"],
     "lora+gc": ["method=lora", "train.gradient_checkpointing=true"],
+    "qlora+gc": ["method=qlora", "train.gradient_checkpointing=true"],
     "full": ["method=full", "train.gradient_checkpointing=false"],
     "full+gc": ["method=full", "train.gradient_checkpointing=true"],
     "fsdp2": ["method=full", "train.gradient_checkpointing=false", "train.distributed=fsdp"],
@@ -144,7 +145,17 @@ def run_row(row: str, recipe: Path, folder: Path) -> dict:
     if proc.returncode != 0:
         return {"error": " ".join(output.strip().splitlines()[-1:])[:300] or f"exit {proc.returncode}", "wall": wall}
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"timing": metrics["timing"], "peak_children_mb": peak, "wall": wall}
+    return {"timing": metrics["timing"], "peak_children_mb": peak, "wall": wall, "shards": metrics["run"].get("shards")}
+
+
+def shard_share(shards: dict | None) -> str:
+    """FSDP: the largest process's parameters + optimizer state as a share of one process holding them all
+    (AdamW: two fp32 moments per trainable parameter), from the local shard sizes metrics.json records."""
+    if not shards:
+        return ""
+    whole = shards["params"] + 2 * shards["trainable"]
+    largest = max(r["params"] + r["optimizer_state"] for r in shards["ranks"])
+    return f"params + optimizer state on the largest of {shards['world']} processes: {largest / whole:.3f} of one process's"
 
 
 def _vm_hwm_mb() -> float:
@@ -273,15 +284,19 @@ def main() -> None:
                     print(f"{size:<6} {row:<8} failed: {result['error']}", flush=True)
                     continue
                 t = result["timing"]
-                peak, estimate = max(result["peak_children_mb"], t["peak_rss_mb"]), t["memory_estimate_mb"]
+                # the estimate is of training's peak: compare it with the peak at the end of training (the largest
+                # process's); the whole run's (evaluation, export and the guards after it) goes in the note
+                whole = max(result["peak_children_mb"], t["peak_rss_mb"])
+                peak, estimate = t.get("training_peak_rss_mb") or whole, t["memory_estimate_mb"]
+                share = "; ".join(x for x in (f"whole run's peak {whole:,.0f} MB", shard_share(result.get("shards"))) if x)
                 tokens = t["samples_per_second"] * mean_tokens
-                print(f"{size:<6} {row:<8} {peak:>9,.0f} {estimate:>12,.0f} {estimate / peak:>9.2f} {tokens:>9,.0f} {t['train_seconds']:>8.1f}  {isa}",
-                      flush=True)
+                print(f"{size:<6} {row:<8} {peak:>9,.0f} {estimate:>12,.0f} {estimate / peak:>9.2f} {tokens:>9,.0f} {t['train_seconds']:>8.1f}  {isa}"
+                      + (f"  ({share})" if share else ""), flush=True)
                 if not args.no_record:
                     append_result("llm_memory.py: chat fine-tuning, peak RSS per process vs the memory estimate", HEADER,
                                   [today(), size, row, f"{args.steps} × {args.batch_size} × {args.max_length}", f"{peak:,.0f}", f"{estimate:,.0f}",
                                    f"{estimate / peak:.2f}", f"{tokens:,.0f}", f"{t['train_seconds']:.1f}", f"{machine_cell(info)}; {isa}",
-                                   versions_cell(info), args.note])
+                                   versions_cell(info), "; ".join(x for x in (args.note, share) if x)])
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

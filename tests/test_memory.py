@@ -164,3 +164,5 @@ def test_estimate_is_recorded_beside_the_measured_peak(recipe_factory):
     timing = honed.run(str(recipe_factory()), show_progress=False).metrics["timing"]
     # the tiny model's tensors are negligible: both figures are dominated by the process itself
     assert 0 < timing["memory_estimate_mb"] < 4 * timing["peak_rss_mb"]
+    # training's peak is read before the evaluation, export and guards that follow it
+    assert 0 < timing["training_peak_rss_mb"] <= timing["peak_rss_mb"]

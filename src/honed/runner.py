@@ -53,6 +53,7 @@ class Trained:
     model: object
     outcomes: list
     history: list[dict]
+    peak_rss_mb: float = 0.0  # the largest process's peak RSS up to the end of training (the guards' work comes after)
 
     @property
     def train_seconds(self) -> float:
@@ -222,7 +223,8 @@ def fine_tune_in_place(session: Session, tuner: FineTuner, run_dir: Path, seed: 
                                                progress=TrainingProgress(enabled=show_progress), on_history=on_history,
                                                model=session.bundle.model, group=group, hooks=hooks,
                                                adapter_dir=run_dir / "adapter" if group is None or group.main else None)
-    return Trained(model, outcomes, history)
+    # the memory check estimates the training peak: read it here, before evaluation, export and the guards add theirs
+    return Trained(model, outcomes, history, max(distributed.gather(peak_rss_mb(), group)))
 
 
 def write_model(session: Session, model, run_dir: Path, test_outputs) -> None:
@@ -265,7 +267,8 @@ def assemble_metrics(session: Session, model, trained: Trained, before: dict, te
         "guards": guards,
         "confusion_matrix": extra.pop("confusion_matrix"),
         "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
-                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": peak_rss_mb(), "threads": threads,
+                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": peak_rss_mb(), "training_peak_rss_mb": trained.peak_rss_mb,
+                   "threads": threads,
                    "memory_estimate_mb": round(session.memory_estimate["total_mb"], 1),
                    "precision": session.precision, "device": str(session.device)},
         "run": {"run_dir": str(run_dir), "method": recipe.method,
