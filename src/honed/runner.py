@@ -27,7 +27,7 @@ from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
 from .recipe import Recipe, load_recipe, main_seed
-from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_recipe
+from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_pid, write_recipe
 from .session import Session, prepare, setup
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk
@@ -196,6 +196,7 @@ def run_audit(session: Session) -> dict:
 
 def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool) -> None:
     prepare_run_dir(run_dir, resume, overwrite)
+    write_pid(run_dir)
     write_recipe(run_dir, recipe, resume)
     write_json_atomic(run_dir / "audit.json", audit)
 
