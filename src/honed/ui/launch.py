@@ -176,6 +176,8 @@ def start(workspace: Workspace, run_dir: Path, argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
     with open(run_dir / LOG_FILE, "ab") as log:
+        log.write(f"launched: honed {argv[0]}{' --resume' if '--resume' in argv else ''}\n".encode())
+        log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "honed", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=workspace.files, env=env, start_new_session=True)
     (run_dir / PID_FILE).write_text(f"{proc.pid}\n")  # the run writes the same pid again once its folder is open

@@ -172,7 +172,7 @@ def run_state(run_dir: Path) -> str:
         return "running"
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    last_word = next((line for line in reversed(log_tail(run_dir)) if line.startswith(("error:", "interrupted:"))), "")
+    last_word = next((line for line in reversed(log_tail(run_dir)) if line.startswith(("error:", "interrupted:", "launched:"))), "")
     if last_word.startswith("interrupted:"):
         return "interrupted"
     if last_word.startswith("error:"):
@@ -181,6 +181,8 @@ def run_state(run_dir: Path) -> str:
 
 
 PHASES = (  # (what `honed run` prints, the phase it starts); the last matching line wins
+    (re.compile(r"^launched: "), "starting"),
+    (re.compile(r"^phase: (.*)"), "{0}"),
     (re.compile(r"^training \(([^)]*)\)"), "training ({0})"),
     (re.compile(r"^step\s+\d+"), "training"),
     (re.compile(r"^learning curve: (.*)"), "data guard: learning curve, {0}"),
@@ -203,7 +205,7 @@ def current_phase(run_dir: Path, state: str) -> str:
             if match:
                 phase = label.format(*match.groups())
     if state == "running":
-        return phase or "preparing: reading data, tokenising, loading the model, caching features"
+        return phase if phase not in (None, "starting") else "starting: reading the recipe and the data"
     return phase or state
 
 
