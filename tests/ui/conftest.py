@@ -1,7 +1,7 @@
 """Shared fixtures of the UI tests: a --files folder (scikit-learn's breast-cancer table and a
 recipe: the tabular MLP, the fastest honed run) and a --runs folder holding two finished runs that
-differ in two recipe keys, made once per session with the public `honed.run`, plus one `honed tune`
-study of two trials."""
+differ in two recipe keys, made once per session with the public `honed.run`, and one `honed tune`
+study of two trials (the API tests only)."""
 
 from __future__ import annotations
 
@@ -39,26 +39,34 @@ def ui_files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def finished_runs(tmp_path_factory, ui_files) -> Path:
-    """A folder with two finished runs, `mlp-a` and `mlp-b` (hidden 32 vs 16, lr 3e-3 vs 1e-2), and a tune study."""
+    """A folder with two finished runs, `mlp-a` and `mlp-b` (hidden 32 vs 16, lr 3e-3 vs 1e-2)."""
     import honed
-    from honed.tune import tune
 
     root = tmp_path_factory.mktemp("ui-runs-finished")
     honed.run(tabular_recipe(ui_files / "all.csv"), out=root / "mlp-a", show_progress=False)
     other = tabular_recipe(ui_files / "all.csv", lr=1e-2)
     other["model"]["hidden"] = 16
     honed.run(other, out=root / "mlp-b", show_progress=False)
-    study = tabular_recipe(ui_files / "all.csv", epochs=2)
-    study["tune"] = {"space": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}}
-    study_file = root.parent / "ui-study.yaml"
-    study_file.write_text(yaml.safe_dump(study, sort_keys=False))
-    tune(str(study_file), trials=2, out=root / "study-tune", show_progress=False, final_run=False)
     return root
 
 
+@pytest.fixture(scope="session")
+def tune_study(tmp_path_factory, ui_files) -> Path:
+    """A `honed tune` study of two trials of the tabular recipe (no final run of the best)."""
+    from honed.tune import tune
+
+    folder = tmp_path_factory.mktemp("ui-study")
+    study = tabular_recipe(ui_files / "all.csv", epochs=2)
+    study["tune"] = {"space": {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}}
+    (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    tune(str(folder / "study.yaml"), trials=2, out=folder / "study-tune", show_progress=False, final_run=False)
+    return folder / "study-tune"
+
+
 @pytest.fixture
-def runs_root(tmp_path, finished_runs) -> Path:
-    """A fresh copy of the finished runs for one test (a test may add or stop runs in it)."""
+def runs_root(tmp_path, finished_runs, tune_study) -> Path:
+    """A fresh copy of the finished runs and the study for one test (a test may add or stop runs in it)."""
     root = tmp_path / "runs"
     shutil.copytree(finished_runs, root, symlinks=True)
+    shutil.copytree(tune_study, root / "study-tune", symlinks=True)
     return root

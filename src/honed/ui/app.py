@@ -34,7 +34,7 @@ from ..serve.limits import Limits, RequestGuard, check_token
 from ..tasks import TASKS
 from . import launch, views
 from .auth import COOKIE, TokenGuard, token_matches
-from .runs import GUARDS, STATES, RunsRoot, UnknownRun, all_rows, progress, read_json, recipe_of, run_row
+from .runs import GUARDS, STATES, RunsRoot, UnknownRun, all_rows, progress, read_history, read_json, recipe_of, run_row
 
 log = logging.getLogger("honed.ui")
 STATIC = Path(__file__).with_name("static")
@@ -53,7 +53,7 @@ class PageError(Exception):
 def templates() -> Environment:
     env = Environment(loader=PackageLoader("honed.ui", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["q"] = lambda s: quote(str(s), safe="/")
-    env.filters["num"] = lambda v, d=4: "—" if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:.{d}g}" if abs(v) >= 1e4 else f"{v:.{d}f}"
+    env.filters["num"] = lambda v, d=4: "—" if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.{d}f}"
     env.globals["badge"] = views.badge_html
     return env
 
@@ -208,8 +208,11 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
     async def run_page(name: str):
         path = run_dir(name)
         row = run_row(roots, name)
+        history = read_history(path)
+        primary = row["metric"] or primary_of(recipe_of(path))
         return page("run.html", title=name, row=row, guards=GUARDS, has_report=(path / "metrics.json").is_file(),
-                    has_recipe=(path / "recipe.yaml").is_file())
+                    has_recipe=(path / "recipe.yaml").is_file(), evaluations=len(history), last=history[-1] if history else {},
+                    charts=views.live_charts(history, primary))
 
     # ------------------------------------------------------------------ compare
 
@@ -248,7 +251,7 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
             if form.get("source") == "file":
                 recipe = workspace.pick(str(form.get("recipe", "")), workspace.recipe_files(), "recipe")
                 return await asyncio.to_thread(launch.check, workspace, str(recipe), overrides_of(form))
-            return await asyncio.to_thread(launch.check, workspace, launch.form_recipe(workspace, form))
+            return await asyncio.to_thread(launch.check, workspace, launch.form_recipe(workspace, form), overrides_of(form))
         except launch.LaunchError as exc:
             return {"ok": False, "error": exc.message, "field": exc.field}
 
@@ -260,7 +263,8 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
             if form.get("source") == "file":
                 path = await asyncio.to_thread(launch.launch_file, workspace, name, str(form.get("recipe", "")), overrides_of(form))
             else:
-                path = await asyncio.to_thread(launch.launch_form, workspace, name, launch.form_recipe(workspace, form))
+                path = await asyncio.to_thread(launch.launch_form, workspace, name, launch.form_recipe(workspace, form),
+                                               overrides_of(form))
         except launch.LaunchError as exc:
             if wants_json(request):
                 return JSONResponse({"ok": False, "error": exc.message, "field": exc.field}, status_code=422)
@@ -315,7 +319,7 @@ async def form_or_json(request: Request) -> dict:
 
 
 def overrides_of(form: dict) -> list[str]:
-    """The `-s key=value` lines of the recipe-file form, one per line."""
+    """The forms' `key=value` lines (as `honed run -s`), one per line."""
     return [line.strip() for line in str(form.get("overrides", "")).splitlines() if line.strip()]
 
 

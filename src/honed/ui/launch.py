@@ -186,15 +186,16 @@ def start(workspace: Workspace, run_dir: Path, argv: list[str]) -> int:
     return proc.pid
 
 
-def launch_form(workspace: Workspace, name: str, recipe: dict) -> Path:
-    """Check the form's recipe, then start it as RUN_DIR = --runs/NAME."""
+def launch_form(workspace: Workspace, name: str, recipe: dict, overrides: list[str] | None = None) -> Path:
+    """Check the form's recipe (and its `key=value` lines), then start it as RUN_DIR = --runs/NAME."""
     run_dir = new_run_dir(workspace, name)
-    result = check(workspace, recipe)
+    result = check(workspace, recipe, overrides)
     if not result["ok"]:
         raise LaunchError(result["error"], result["field"])
     run_dir.mkdir(parents=True)
     (run_dir / LAUNCH_RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    start(workspace, run_dir, ["run", str(run_dir / LAUNCH_RECIPE), "--out", str(run_dir)])
+    sets = [part for item in overrides or [] for part in ("-s", item)]
+    start(workspace, run_dir, ["run", str(run_dir / LAUNCH_RECIPE), *sets, "--out", str(run_dir)])
     return run_dir
 
 

@@ -12,7 +12,7 @@ function badge(guard, status) {
 }
 function num(v, d) {
   if (typeof v !== "number") return "\u2014";
-  return Math.abs(v) >= 1e4 ? v.toPrecision(d) : v.toFixed(d);
+  return Math.abs(v) >= 1e4 ? v.toFixed(0) : v.toFixed(d);
 }
 
 // ---------------------------------------------------------------- the runs table
@@ -43,11 +43,11 @@ function runsTable(table) {
     });
     body.innerHTML = shown.map(r => `<tr data-name="${esc(r.name)}" data-state="${esc(r.state)}">
       <td><input type="checkbox" class="pick" value="${esc(r.name)}" aria-label="select ${esc(r.name)} to compare"${keep.has(r.name) ? " checked" : ""}></td>
-      <td><a href="/runs/${encodeURI(r.name)}">${esc(r.name)}</a></td><td>${esc(r.task)}</td><td>${esc(r.model)}</td><td>${esc(r.method)}</td>
-      <td class="num">${r.test === null ? "\u2014" : esc(r.metric) + " " + num(r.test, 4)}</td>
-      <td class="guards">${guards.map(g => `<span class="guard"><span class="gname">${esc(g)}</span> ${badge(g, r.guards[g])}</span>`).join("")}</td>
-      <td class="num">${num(r.train_seconds, 1)}</td><td>${esc(r.date)}</td>
-      <td><span class="state state-${esc(r.state)}">${esc(r.state)}</span>${r.state === "running" ? `<span class="note"> ${esc(r.phase)}</span>` : ""}</td></tr>`).join("");
+      <td><a href="/runs/${encodeURI(r.name)}">${esc(r.name)}</a></td><td data-label="task">${esc(r.task)}</td><td data-label="model">${esc(r.model)}</td><td data-label="method">${esc(r.method)}</td>
+      <td class="num" data-label="test">${r.test === null ? "\u2014" : esc(r.metric) + " " + num(r.test, 4)}</td>
+      <td class="guards" data-label="guards">${guards.map(g => `<span class="guard"><span class="gname">${esc(g)}</span> ${badge(g, r.guards[g])}</span>`).join("")}</td>
+      <td class="num" data-label="train s">${num(r.train_seconds, 1)}</td><td data-label="date">${esc(r.date)}</td>
+      <td data-label="state"><span class="state state-${esc(r.state)}">${esc(r.state)}</span>${r.state === "running" ? `<span class="note"> ${esc(r.phase)}</span>` : ""}</td></tr>`).join("");
     const none = document.getElementById("no-runs");
     if (none) none.hidden = rows.length > 0;
     updateCompare();
