@@ -178,6 +178,29 @@ def test_new_run_refuses_before_starting_anything(client, runs_root):
     assert not (runs_root / "fresh").exists() and not (runs_root.parent / "escape").exists()
 
 
+def test_new_run_from_a_recipe_file_starts_honed_run_and_stop_ends_it(client, runs_root):
+    response = client.post("/new", data={"source": "file", "name": "from-file", "recipe": "recipe.yaml",
+                                         "overrides": "train.epochs=2"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/runs/from-file"
+    run = runs_root / "from-file"
+    pid = int((run / "run.pid").read_text())
+    try:
+        assert (run / "run.log").read_text().startswith("launched: honed run")
+        row = client.get("/api/runs/from-file").json()["row"]
+        assert row["state"] == "running" and row["phase"].startswith("starting")
+        assert client.post("/runs/from-file/resume", headers=JSON).status_code == 409  # not while it runs
+        assert client.post("/runs/from-file/stop", headers=JSON).json() == {"stopped": True}
+        deadline = time.time() + 60
+        while client.get("/api/runs/from-file").json()["state"] == "running" and time.time() < deadline:
+            time.sleep(0.2)
+        assert client.get("/api/runs/from-file").json()["state"] in ("failed", "interrupted")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 # --------------------------------------------------------------------------- tune
 
 def test_tune_study_marks_the_best_trial(client, runs_root):
@@ -222,6 +245,7 @@ def test_runs_root_path_refuses_what_is_not_a_run_below_it(runs_root):
 
 def test_token_cookie_and_bearer(runs_root, ui_files):
     client = TestClient(create_app(runs_root, ui_files, token="s3cret-token"))
+    assert 'name="token"' in client.get("/login").text
     page = client.get("/", headers={"accept": "text/html"})
     assert page.status_code == 401 and 'action="/login"' in page.text
     api = client.get("/api/runs")

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +31,7 @@ from ..report.page import render_report
 from ..report.rundata import load_run
 from ..serve.http_errors import error_body
 from ..serve.limits import Limits, RequestGuard, check_token
+from ..methods import METHODS
 from ..tasks import TASKS
 from . import launch, views
 from .auth import COOKIE, TokenGuard, token_matches
@@ -39,7 +40,7 @@ from .runs import GUARDS, STATES, RunsRoot, UnknownRun, all_rows, progress, read
 log = logging.getLogger("honed.ui")
 STATIC = Path(__file__).with_name("static")
 EVENT_SECONDS = 1.0  # how often a live stream looks at history.jsonl
-METHODS = ("full", "head", "freeze", "lora", "lp-ft", "qlora")
+KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet stream, so no proxy or browser times it out
 
 
 class PageError(Exception):
@@ -166,7 +167,7 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
         primary = (read_json(path / "metrics.json") or {}).get("primary_metric") or primary_of(recipe_of(path))
 
         async def stream():
-            seen, last = 0, None
+            seen, last, quiet = 0, None, 0.0
             history: list[dict] = []
             while True:
                 now = await asyncio.to_thread(progress, path, seen)
@@ -179,10 +180,14 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
                              "step": history[-1].get("step") if history else None,
                              "charts": views.live_charts(history, primary)}
                     yield f"data: {json.dumps(event)}\n\n"
-                    last = shown
+                    last, quiet = shown, 0.0
+                elif quiet >= KEEPALIVE_SECONDS:
+                    yield ": still running\n\n"
+                    quiet = 0.0
                 if now["state"] != "running" or await request.is_disconnected():
                     return
                 await asyncio.sleep(EVENT_SECONDS)
+                quiet += EVENT_SECONDS
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -230,7 +235,7 @@ def create_app(runs: str | Path, files: str | Path | None = None, token: str | N
     # ------------------------------------------------------------------ new run
 
     def new_page(status: int = 200, error: str = "", field: str = "", values: dict | None = None) -> HTMLResponse:
-        return page("new.html", status, title="new run", tasks=list(TASKS), methods=METHODS, recipes=workspace.recipe_files(),
+        return page("new.html", status, title="new run", tasks=list(TASKS), methods=list(METHODS), recipes=workspace.recipe_files(),
                     data_files=workspace.data_files(), error=error, field=field, values=values or {})
 
     @app.get("/new", response_class=HTMLResponse)

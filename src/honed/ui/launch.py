@@ -132,7 +132,10 @@ def form_recipe(workspace: Workspace, form: dict) -> dict:
     train = {}
     for key in FORM_TRAIN_KEYS:
         if get(key):
-            train[key] = yaml.safe_load(get(key))  # numbers as numbers, `auto` as text
+            try:
+                train[key] = yaml.safe_load(get(key))  # numbers as numbers, `auto` as text
+            except yaml.YAMLError:
+                raise LaunchError(f"train.{key}: expected a number or auto. Got {get(key)[:40]!r} instead.", f"train.{key}") from None
     if train:
         recipe["train"] = train
     guards = {key: form.get(key) in ("on", "true", True) for key in ("baseline", "data_curve")}
@@ -192,7 +195,10 @@ def launch_form(workspace: Workspace, name: str, recipe: dict, overrides: list[s
     result = check(workspace, recipe, overrides)
     if not result["ok"]:
         raise LaunchError(result["error"], result["field"])
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except FileExistsError:  # another launch of the same name got there first
+        raise LaunchError(f"name: a run called '{name}' already exists; choose another name", "name") from None
     (run_dir / LAUNCH_RECIPE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     sets = [part for item in overrides or [] for part in ("-s", item)]
     start(workspace, run_dir, ["run", str(run_dir / LAUNCH_RECIPE), *sets, "--out", str(run_dir)])

@@ -242,7 +242,6 @@ def run_row(roots: RunsRoot, name: str) -> dict:
     test = (metrics.get("test") or {}).get(primary) if primary else None
     guards = metrics.get("guards") or {}
     timing = metrics.get("timing") or {}
-    history = read_history(run_dir) if state == "running" else []
     stamp_file = next((run_dir / f for f in ("metrics.json", "recipe.yaml", LAUNCH_RECIPE, PID_FILE) if (run_dir / f).exists()), run_dir)
     started = datetime.fromtimestamp(stamp_file.stat().st_mtime, tz=timezone.utc)
     return {
@@ -257,7 +256,6 @@ def run_row(roots: RunsRoot, name: str) -> dict:
         "date": started.strftime("%Y-%m-%d %H:%M"),
         "state": state,
         "phase": current_phase(run_dir, state),
-        "steps_done": history[-1].get("step") if history else None,
     }
 
 
