@@ -254,6 +254,7 @@ def test_token_cookie_and_bearer(runs_root, ui_files):
     assert client.get("/api/runs", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/runs", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
     assert client.get("/static/ui.css").status_code == 200  # assets of the login page
+    assert client.get("/health").status_code == 200 and client.get("/healthz").status_code == 401
     assert client.post("/login", data={"token": "nope"}).status_code == 401
     login = client.post("/login", data={"token": "s3cret-token"}, follow_redirects=False)
     assert login.status_code == 303

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from ..serve.http_errors import error_body
 
 COOKIE = "honed_ui_token"
-OPEN_PATHS = ("/login", "/static/")
+OPEN_PATHS = ("/login", "/health", "/static/")  # the login form, its assets, a liveness probe
 
 
 def token_matches(given: str | bytes, expected: bytes) -> bool:
@@ -53,7 +53,7 @@ class TokenGuard:
         path = scope.get("path", "")
         if scope.get("method") == "POST" and not same_origin(headers):
             return await reply(send, 403, "cross-site request refused: use the UI's own pages", json_wanted=True)
-        if path == "/login" or path.startswith("/static/") or self.authorised(headers):
+        if any(path == p or (p.endswith("/") and path.startswith(p)) for p in OPEN_PATHS) or self.authorised(headers):
             return await self.app(scope, receive, send)
         wants_html = b"text/html" in headers.get(b"accept", b"")
         if wants_html:
