@@ -89,9 +89,14 @@ def test_states_come_from_the_run_directory(client, runs_root):
 
 def test_a_pid_of_another_program_is_not_a_running_run(runs_root):
     run = runs_root / "mlp-a"
-    (run / "run.pid").write_text(f"{os.getppid()}\n")  # alive, but the test runner's parent, not honed
-    assert run_state(run) in ("finished", "running")
-    (run / "run.pid").write_text("1\n")
+    other = subprocess.Popen(["sleep", "30"])  # alive, but not honed: a pid reused after the run ended
+    try:
+        (run / "run.pid").write_text(f"{other.pid}\n")
+        assert run_state(run) == "finished"
+    finally:
+        other.kill()
+        other.wait()
+    (run / "run.pid").write_text(f"{other.pid}\n")  # gone (and reaped)
     assert run_state(run) == "finished"
 
 
@@ -173,7 +178,7 @@ def test_new_run_refuses_before_starting_anything(client, runs_root):
         form = {**base, "name": name, **({"label": "nope"} if name == "fresh" else {})}
         response = client.post("/new", data=form)
         assert response.status_code == 422, name
-        assert f'data-for="{field}" role="alert">{field}: ' in response.text or f'data-for="{field}" role="alert">' in response.text
+        assert f'data-for="{field}" role="alert">{field}: ' in response.text, name
         assert_clean(response.text, runs_root)
     assert not (runs_root / "fresh").exists() and not (runs_root.parent / "escape").exists()
 
