@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serve,track,qlora,export]"
+	$(BIN)/pip install -q -e ".[dev,serve,ui,track,qlora,export]"
 	touch $(STAMP)
 
 demo: setup

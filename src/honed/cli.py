@@ -212,6 +212,31 @@ def serve(
 
 
 @app.command()
+def ui(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="The folder whose run directories the UI shows; new runs go here too."),
+    files: Path = typer.Option(Path("."), "--files", help="The folder recipes and data files for new runs are picked from."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; the default accepts local connections only."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HONED_TOKEN", show_envvar=True,
+                                        help="Require this token (a login form keeps it in a cookie; the API takes 'Authorization: Bearer TOKEN')."),
+    max_body: int = typer.Option(1024 * 1024, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
+):
+    """A local web app: the runs table, each run's report and live progress, Stop/Resume, compare, new runs."""
+    from .serve.limits import Limits
+
+    try:
+        from .ui.app import serve_ui
+    except ImportError as exc:
+        raise HonedError(f"honed ui needs fastapi, uvicorn and jinja2 ({exc.name} is not installed); "
+                         "install them with: pip install 'honed[ui]'") from None
+    if not files.is_dir():
+        raise RecipeError(f"--files: {files} is not a folder; give the folder that holds your recipes and data")
+    runs.mkdir(parents=True, exist_ok=True)
+    serve_ui(runs, files, host=host, port=port, token=token, limits=Limits(max_body_bytes=max_body),
+             announce=lambda line: err_console.print(line, markup=False, highlight=False))
+
+
+@app.command()
 def tune(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (an optional `tune: {space: ...}` section overrides the search space)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials this process runs (several processes on one study add up)."),

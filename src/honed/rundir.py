@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from .errors import RecipeError
 from .fileio import write_text_atomic
 from .recipe import Recipe, dump_recipe, load_recipe
+
+# Files a launcher (honed ui) writes into a run directory before `honed run` starts in it: the
+# process's output and its pid. A folder holding only these is not yet a run.
+PID_FILE = "run.pid"
+LOG_FILE = "run.log"
+LAUNCH_RECIPE = "launch.yaml"
+LAUNCH_FILES = frozenset({PID_FILE, LOG_FILE, LAUNCH_RECIPE})
 
 
 def default_run_dir(recipe: Recipe, source) -> Path:
@@ -22,7 +30,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse what would lose or overwrite work, before anything is loaded (writes nothing)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"out: {run_dir} exists and is a file; choose another --out")
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = holds_run(run_dir)
     if resume and exists and not (run_dir / "recipe.yaml").exists():
         raise RecipeError(f"--resume: {run_dir} is not a honed run directory (no recipe.yaml)")
     if resume and not exists:
@@ -33,10 +41,20 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise RecipeError(f"--overwrite: {run_dir} is not a honed run directory; refusing to delete it")
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether the folder holds anything but what a launcher wrote before the run started."""
+    return run_dir.is_dir() and any(entry.name not in LAUNCH_FILES for entry in run_dir.iterdir())
+
+
+def write_pid(run_dir: Path) -> None:
+    """RUN_DIR/run.pid: which process trains here (honed ui's Stop button sends it SIGTERM)."""
+    write_text_atomic(run_dir / PID_FILE, f"{os.getpid()}\n")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Never silently overwrite: an existing run needs --resume or --overwrite."""
     check_run_dir(run_dir, resume, overwrite)
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = holds_run(run_dir)
     if exists and overwrite and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

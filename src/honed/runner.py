@@ -27,7 +27,7 @@ from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
 from .recipe import Recipe, load_recipe, main_seed
-from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_recipe
+from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_pid, write_recipe
 from .session import Session, prepare, setup
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk
@@ -104,6 +104,7 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     threads = set_threads(recipe.train.threads)
     if resume:
         resumed_rates(recipe, run_dir)
+    say(show_progress, "phase: loading the model, tokenising, caching features")
     session = setup(recipe, splits, cache, hooks)
     choose_engine(session, group)
     audit = run_audit(session)
@@ -125,11 +126,13 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
         return RunResult(run_dir, {})
     write_history(run_dir, trained.history)
 
+    say(show_progress, "phase: forgetting guard, evaluating on validation and test")
     forgetting, model = task.forgetting(session, tuner, trained.model, before)  # may export WiSE-FT weights
     val_metrics = session.evaluate(model, "validation")
     test_outputs = session.outputs(model, session.encoded["test"])  # the test split is touched once, here
     test_metrics = task.metrics(test_outputs, session.encoded["test"])
     write_model(session, model, run_dir, test_outputs)
+    say(show_progress, "phase: export guard: reloading model/ from disk")
     export = export_guard(session, model, run_dir)  # model/ read back from disk behaves like `model`
     if before is None:
         before = task.before(session, cache)
@@ -197,6 +200,7 @@ def run_audit(session: Session) -> dict:
 
 def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool) -> None:
     prepare_run_dir(run_dir, resume, overwrite)
+    write_pid(run_dir)
     write_recipe(run_dir, recipe, resume)
     write_json_atomic(run_dir / "audit.json", audit)
 
