@@ -23,11 +23,17 @@ AUTO_LR = {  # (family, method) → learning rate; design.md §4 "Expertise"
 # Zephyr (Tunstall et al. 2023) use 5e-7 in full; LoRA DPO recipes use 5e-6 to 5e-5
 AUTO_PREFERENCE_LR = {"full": 5e-7, "lora": 5e-5, "qlora": 5e-5}
 AUTO_HEAD_LR = 1e-2  # on standardised features
+# `train.batch_size: auto`: the effective batch (rows per optimizer step) per family; the memory check
+# then picks the largest micro-batch that fits and accumulates gradients up to it (docs/auto.md)
+AUTO_BATCH = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}
+AUTO_BATCH_DEFAULT = 16  # transformers (Devlin et al. 2019: 16 or 32), causal LMs
 FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
 
 
 def resolve_rates(recipe: Recipe, family: str) -> Recipe:
-    """Fill the `auto` learning rates and batch size (what the memory check needs before any data is encoded)."""
+    """Fill the `auto` learning rates and batch size (what the memory check needs before any data is encoded).
+    The batch size is the family's recommended effective batch; session.memory_estimate may then split
+    it into a smaller micro-batch and gradient accumulation (memory.largest_fitting_batch)."""
     t = recipe.train
     if t.lr == "auto" and recipe.task == "preference":
         t.lr = AUTO_PREFERENCE_LR[recipe.method]
@@ -36,7 +42,7 @@ def resolve_rates(recipe: Recipe, family: str) -> Recipe:
     if t.head_lr == "auto":
         t.head_lr = AUTO_HEAD_LR
     if t.batch_size == "auto":
-        t.batch_size = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}.get(family, 16)
+        t.batch_size = AUTO_BATCH.get(family, AUTO_BATCH_DEFAULT)
     return recipe
 
 

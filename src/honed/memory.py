@@ -295,6 +295,20 @@ def resolve_gradient_checkpointing(model: nn.Module, plan: Plan, device: torch.d
     return not fits(estimate_training_memory(model, plan.but(gradient_checkpointing=False)), device, have_mb)
 
 
+def largest_fitting_batch(model: nn.Module, plan: Plan, device: torch.device, have_mb: float) -> Plan | None:
+    """`train.batch_size: auto`: plan.batch_size is the effective batch to keep; the largest micro-batch
+    (the effective batch, then halved) whose estimate fits under HEADROOM, with gradient accumulation
+    multiplied so that rows per optimizer step stay the same. None when not even one row fits."""
+    target = plan.batch_size
+    micro = target
+    while micro >= 1:
+        candidate = plan.but(batch_size=micro, grad_accumulation=plan.grad_accumulation * math.ceil(target / micro))
+        if fits(estimate_training_memory(model, candidate), device, have_mb):
+            return candidate
+        micro //= 2
+    return None
+
+
 def alternatives(plan: Plan, methods: tuple[str, ...]) -> list[tuple[str, Plan]]:
     """Changes that lower the peak, cheapest first: the ones that keep the result (checkpointing,
     a smaller batch with accumulation, FSDP over the launched processes), then the methods that train fewer parameters."""

@@ -73,9 +73,11 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     write_text_atomic(run_dir / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
-def write_recipe(run_dir: Path, recipe: Recipe, resume: bool) -> None:
-    """The resolved recipe; on --resume, the recipe must be the one the run was started with."""
+def write_recipe(run_dir: Path, recipe: Recipe, resume: bool, notes: list[str] | None = None) -> None:
+    """The resolved recipe, headed by `notes` as YAML comments (how each `auto` was resolved);
+    on --resume, the recipe must be the one the run was started with."""
     if resume and (run_dir / "recipe.yaml").exists():
         check_resume_recipe(run_dir, recipe)
     else:  # a kill mid-write must not leave a run that cannot resume
-        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        header = "".join(f"# {note}\n" for note in notes or [])
+        write_text_atomic(run_dir / "recipe.yaml", header + dump_recipe(recipe))

@@ -109,7 +109,7 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     choose_engine(session, group)
     audit = run_audit(session)
     if main:
-        open_run_dir(run_dir, recipe, audit, resume, overwrite)
+        open_run_dir(run_dir, recipe, audit, resume, overwrite, session.auto_notes)
         if session.lr_range is not None:
             write_json_atomic(run_dir / "lr_range.json", session.lr_range)
     distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
@@ -178,11 +178,14 @@ def resolve_run_dir(recipe: Recipe, source, out) -> Path:
 
 
 def resumed_rates(recipe: Recipe, run_dir: Path) -> None:
-    """--resume: the learning rates `auto` resolved when the run started (the range test runs once per run)."""
+    """--resume: the learning rates and batch size `auto` resolved when the run started (the range test
+    runs once per run; the memory free now may differ from then)."""
     try:
         saved = load_recipe(run_dir / "recipe.yaml").train
     except (RecipeError, OSError):
         return  # no readable recipe: write_recipe refuses the resume with its own message
+    if recipe.train.batch_size == "auto":
+        recipe.train.batch_size, recipe.train.grad_accumulation = saved.batch_size, saved.grad_accumulation
     for key in ("lr", "head_lr"):
         if getattr(recipe.train, key) == "auto":
             setattr(recipe.train, key, getattr(saved, key))
@@ -198,10 +201,10 @@ def run_audit(session: Session) -> dict:
     return audit
 
 
-def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool) -> None:
+def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool, notes: list[str]) -> None:
     prepare_run_dir(run_dir, resume, overwrite)
     write_pid(run_dir)
-    write_recipe(run_dir, recipe, resume)
+    write_recipe(run_dir, recipe, resume, notes)
     write_json_atomic(run_dir / "audit.json", audit)
 
 

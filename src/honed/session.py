@@ -19,7 +19,8 @@ from .hooks import Hooks
 from .lr_range import applies as range_test_applies
 from .lr_range import resolve_lr
 from .methods import METHODS
-from .memory import Plan, available_mb, check_memory, estimate_training_memory, resolve_gradient_checkpointing
+from .memory import (Plan, available_mb, check_memory, estimate_training_memory, largest_fitting_batch,
+                     resolve_gradient_checkpointing)
 from .models.load import ModelBundle
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
@@ -52,6 +53,7 @@ class Session:
     memory_estimate: dict
     hooks: Hooks = field(default_factory=Hooks)
     lr_range: dict | None = None  # the learning-rate range test's curve (RUN_DIR/lr_range.json), when `train.lr: auto` ran it
+    auto_notes: list[str] = field(default_factory=list)  # how each `auto` was resolved: comments at the top of RUN_DIR/recipe.yaml
 
     def outputs(self, model, split) -> torch.Tensor:
         """The task's outputs for an encoded split (logits, forecasts, per-conversation NLL)."""
@@ -113,9 +115,10 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     task = TASKS[recipe.task]
     bundle = task.load_model(recipe, splits)
     range_test = range_test_applies(recipe, bundle.family, recipe.train.lr == "auto")
+    was_auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "epochs", "eval_every", "gradient_checkpointing")}
     resolve_rates(recipe, bundle.family)  # the table's rate: the memory check's input and the range test's prior
     precision = resolve_precision(recipe.train.precision, dev)
-    memory = memory_estimate(recipe, task, bundle, precision, splits, dev, memory_mb)
+    memory = memory_estimate(recipe, task, bundle, precision, splits, dev, memory_mb, batch_auto=was_auto["batch_size"])
     key = features_key(recipe, precision)
     cached = cache.get(key) if cache is not None else None
     if cached is None:
@@ -134,6 +137,7 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     resolve_auto(recipe, bundle.family, len(splits.train), len(plan))
     # after encoding (it needs batches) and before anything trains; the model and random state are restored
     lr_range = resolve_lr(recipe, task, bundle, encoded, features, precision, dev, seed) if range_test else None
+    notes = auto_notes(recipe, was_auto, memory, lr_range, len(splits.train))
     g = torch.Generator().manual_seed(seed)
     # the gap needs the training score only as precisely as the validation score it is compared with
     train_eval_rows = min(TRAIN_EVAL_ROWS, max(256, len(encoded["validation"])))
@@ -141,7 +145,7 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     release_free_memory()
     reference, original_head = task.load_reference(recipe, bundle, encoded)
     return Session(recipe, task, splits, bundle, encoded, features, precision, dev, eval_bs, train_eval_idx,
-                   reference, original_head, memory, hooks, lr_range)
+                   reference, original_head, memory, hooks, lr_range, notes)
 
 
 def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None) -> Plan:
@@ -160,10 +164,12 @@ def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str,
 
 
 def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None,
-                    device: torch.device | None = None, memory_mb: float | None = None) -> dict:
+                    device: torch.device | None = None, memory_mb: float | None = None, batch_auto: bool = False) -> dict:
     """The peak training will need (docs/memory.md), refused with the cheapest change that fits when
-    the device does not have it; resolves `train.gradient_checkpointing: auto` into the recipe first.
-    Returns the estimate's parts in MB ("total_mb" is the per-process peak)."""
+    the device does not have it; resolves `train.gradient_checkpointing: auto` into the recipe first,
+    and with batch_auto (the recipe said `train.batch_size: auto`; recipe.train.batch_size holds the
+    family's effective batch) the largest micro-batch that fits, with gradient accumulation up to it.
+    Returns the estimate's parts in MB ("total_mb" is the per-process peak; "auto_batch" with batch_auto)."""
     device = device or torch.device("cpu")
     have = available_mb(device) if memory_mb is None else memory_mb
     plan = memory_plan(recipe, task, bundle, precision, splits)
@@ -173,10 +179,49 @@ def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: 
         whole = estimate_training_memory(bundle.model, plan.but(world_size=1))
         state = whole["weights_mb"] + whole["gradients_mb"] + whole["optimizer_mb"]
         plan = plan.but(fsdp=t.offload or state > have)
+    auto_batch = None
+    if batch_auto:
+        target, effective = plan.batch_size, plan.batch_size * plan.grad_accumulation
+        fitted = largest_fitting_batch(bundle.model, plan, device, have)
+        if fitted is None and t.gradient_checkpointing == "auto":  # no micro-batch fits without it: checkpointing comes next
+            fitted = largest_fitting_batch(bundle.model, plan.but(gradient_checkpointing=True), device, have)
+            t.gradient_checkpointing = True if fitted is not None else "auto"
+        if fitted is not None:
+            plan = fitted
+            t.batch_size, t.grad_accumulation = plan.batch_size, plan.grad_accumulation
+        whole = estimate_training_memory(bundle.model, plan.but(batch_size=target, grad_accumulation=1))
+        auto_batch = {"effective": effective, "micro": plan.batch_size, "accumulation": plan.grad_accumulation,
+                      "needed_at_effective_mb": round(whole["total_mb"], 1), "have_mb": round(have, 1)}
     if t.gradient_checkpointing == "auto":
         t.gradient_checkpointing = resolve_gradient_checkpointing(bundle.model, plan, device, have)
         plan = plan.but(gradient_checkpointing=t.gradient_checkpointing)
-    return check_memory(bundle.model, plan, device, tuple(task.methods), have)
+    estimate = check_memory(bundle.model, plan, device, tuple(task.methods), have)
+    return {**estimate, "auto_batch": auto_batch} if auto_batch is not None else estimate
+
+
+def auto_notes(recipe: Recipe, was_auto: dict, memory: dict, lr_range: dict | None, n_train: int) -> list[str]:
+    """One line per `auto` key the session resolved, saying from what (RUN_DIR/recipe.yaml's header; docs/auto.md)."""
+    t = recipe.train
+    notes = []
+    if lr_range is not None:
+        notes.append(f"train.lr: auto -> {t.lr:g}: the learning-rate range test ({lr_range['rule']}; the table's {lr_range['prior']:g}; lr_range.json)")
+    batch = memory.get("auto_batch")
+    if batch is not None:
+        if batch["accumulation"] > 1 or batch["micro"] < batch["effective"]:
+            notes.append(f"train.batch_size: auto -> {batch['micro']} x train.grad_accumulation {batch['accumulation']} = "
+                         f"{batch['effective']} rows per step: the memory check estimates {batch['needed_at_effective_mb'] / 1024:.1f} GB "
+                         f"for a batch of {batch['effective']} against {batch['have_mb'] / 1024:.1f} GB free (90 % headroom)")
+        else:
+            notes.append(f"train.batch_size: auto -> {batch['micro']}: the family's effective batch, which fits "
+                         f"({memory['total_mb'] / 1024:.1f} GB of {batch['have_mb'] / 1024:.1f} GB free)")
+    if was_auto["epochs"]:
+        notes.append(f"train.epochs: auto -> {t.epochs} for {n_train} training rows (early stopping after {t.patience} evaluations without improvement)")
+    if was_auto["eval_every"]:
+        notes.append(f"train.eval_every: auto -> {t.eval_every} optimizer steps")
+    if was_auto["gradient_checkpointing"]:
+        notes.append(f"train.gradient_checkpointing: auto -> {str(t.gradient_checkpointing).lower()}: "
+                     f"{'needed to fit' if t.gradient_checkpointing else 'the run fits without it'} ({memory['total_mb'] / 1024:.1f} GB estimated)")
+    return notes
 
 
 def timed_features(task: Task, bundle, model, split, batch_size: int, precision: str, device, hooks: Hooks) -> torch.Tensor:
