@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["run", "check", "predict", "load_recipe", "Recipe", "HonedError", "RecipeError", "DataError", "__version__"]
 
 
-def run(recipe, overrides=None, **kwargs):
-    """Fine-tune as `recipe` (a path, a dict or a Recipe) says; returns a RunResult (run_dir, metrics)."""
-    from .runner import run as run_honed
+def run(recipe, overrides=None, retry_on_fail: bool = False, **kwargs):
+    """Fine-tune as `recipe` (a path, a dict or a Recipe) says; returns a RunResult (run_dir, metrics).
+    retry_on_fail: when a guard says the run failed, run its next step once (RUN-retry1; result.retry)."""
+    from .retry import run as run_honed
 
-    return run_honed(recipe, overrides, **kwargs)
+    return run_honed(recipe, overrides, retry_on_fail=retry_on_fail, **kwargs)
 
 
 def check(recipe, overrides=None) -> dict:

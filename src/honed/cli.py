@@ -55,6 +55,9 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
     timing = metrics.get("timing", {})
     out_console.print(f"trained in {timing.get('train_seconds', 0):.1f} s ({timing.get('samples_per_second', 0):.1f} samples/s, {timing.get('precision')})")
     out_console.print(f"run directory: [bold]{run_dir}[/bold]  (report: {run_dir / 'report.html'})", soft_wrap=True)
+    step = metrics.get("next_step")
+    if step and step["set"] and "retry" not in metrics:
+        out_console.print(f"{step['sentence']} `honed run --retry-on-fail` runs it.", soft_wrap=True)
 
 
 @app.command()
@@ -64,17 +67,18 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's `out`, else runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    retry_on_fail: bool = typer.Option(False, "--retry-on-fail", help="When a guard says the run failed, run the next step it names once, in RUN-retry1 (both runs kept)."),
 ):
     """Fine-tune: writes a run directory and prints a short verdict table.
 
     Under torchrun or accelerate launch (torchrun --nproc_per_node 4 -m honed run recipe.yaml) the processes train data-parallel and rank 0 writes the run directory.
     """
-    from .runner import run as run_honed
+    from .retry import run as run_honed
 
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite: choose one (--resume continues the run, --overwrite deletes it and starts again)")
     try:
-        result = run_honed(str(recipe), set_, out=out, resume=resume, overwrite=overwrite)
+        result = run_honed(str(recipe), set_, out=out, resume=resume, overwrite=overwrite, retry_on_fail=retry_on_fail)
     except TrainingInterrupted:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says it
             target = f" --out {out}" if out else ""
@@ -84,6 +88,13 @@ def run(
         raise typer.Exit(130)
     if result.metrics:  # empty in the helper processes of a distributed run: rank 0 reports
         print_verdict(result.metrics, result.run_dir)
+    if result.retry is not None:
+        out_console.print(f"retry with {' '.join('-s ' + s for s in result.metrics['retry']['set'])}:", soft_wrap=True)
+        print_verdict(result.retry.metrics, result.retry.run_dir)
+        first, second = result.metrics, result.retry.metrics
+        primary = first["primary_metric"]
+        out_console.print(f"first run: test {primary} {first['test'][primary]:.4f} ({result.run_dir}); "
+                          f"retry: test {primary} {second['test'][primary]:.4f} ({result.retry.run_dir})", soft_wrap=True)
 
 
 @app.command()

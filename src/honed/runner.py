@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import track
+from . import next_step, track
 from .checks.curve import data_guard, learning_curve
 from .checks.export import export_guard
 from .errors import RecipeError, TrainingInterrupted
@@ -41,6 +41,7 @@ class RunResult:
 
     run_dir: Path
     metrics: dict
+    retry: RunResult | None = None  # the run --retry-on-fail made with the next step (honed/retry.py)
 
     def __getitem__(self, key):
         return self.metrics[key]
@@ -146,8 +147,11 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
         "baseline": task.baseline(session, tuner, test_metrics, before, trained.train_seconds, show_progress),
         "export": export,
     }
+    step = next_step.for_session(session, trained.history, guards)
+    next_step.attach(guards, step)  # the failed guard's verdict line names the change honed would try (--retry-on-fail runs it)
     metrics = assemble_metrics(session, model, trained, before, test_outputs, test_metrics, val_metrics, seeds, guards,
                                run_dir, started, threads)
+    metrics["next_step"] = step
     write_json_atomic(run_dir / "metrics.json", metrics)
     if isinstance(tuner.pristine, StateOnDisk):
         tuner.pristine.remove()

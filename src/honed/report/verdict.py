@@ -77,11 +77,28 @@ def section_verdict(run: RunData) -> str:
     if skipped and (counts.get("ok") or counts.get("warn") or counts.get("fail")):
         overall += f" {skipped} not measured."
     parts.append(f'<p class="overall">{esc(overall)}</p>')
+    parts.extend(next_step_lines(run.metrics))
     parts.append(
         '<table class="verdict"><thead><tr><th>guard</th><th>status</th><th>summary</th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
     return "\n".join(parts)
+
+
+def next_step_lines(metrics: dict) -> list[str]:
+    """The next step a failed run names (honed/next_step.py), and the retry that ran it or the run this one retried."""
+    out = []
+    step, retry, retry_of = metrics.get("next_step"), metrics.get("retry"), metrics.get("retry_of")
+    if isinstance(step, dict) and step.get("sentence"):
+        out.append(f'<p class="next-step">{esc(step["sentence"])}</p>')
+    if isinstance(retry, dict):
+        statuses = ", ".join(f"{k} {v}" for k, v in (retry.get("guards") or {}).items())
+        out.append(f'<p class="retry">Retried with {esc(" ".join(retry.get("set") or []))}: <code>{esc(retry.get("run_dir"))}</code> '
+                   f'(validation {esc(fmt(retry.get("validation")))}, test {esc(fmt(retry.get("test")))}; {esc(statuses)}).</p>')
+    if isinstance(retry_of, dict):
+        out.append(f'<p class="retry">This run retries <code>{esc(retry_of.get("run_dir"))}</code> with '
+                   f'{esc(" ".join(retry_of.get("set") or []))} (it had {esc(retry_of.get("failure"))}).</p>')
+    return out
 
 
 def _baseline_value(v: Any, metric: str, primary: str) -> Any:
