@@ -12,9 +12,9 @@ from honed.train.loop import Batches, LoopConfig, train
 SCRIPTED = [0.1, 0.5, 0.3, 0.2, 0.4]  # validation metric per evaluation: the second is the best
 
 
-def run(checkpointer):
+def run(checkpointer, batch_norm: bool = False):
     torch.manual_seed(0)
-    model = nn.Linear(4, 2)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)) if batch_norm else nn.Linear(4, 2)
     x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
     batches = Batches(size=40, plan=lambda epoch: [list(range(i, i + 8)) for i in range(0, 40, 8)],
                       collate=lambda idx: {"x": x[idx], "labels": y[idx]})
@@ -39,3 +39,13 @@ def test_best_weights_from_disk_equal_the_in_memory_ones(tmp_path):
     # the last checkpoint carries the best weights as a file of its own; earlier folders are swept
     folders = [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "best.safetensors").exists()
+
+
+def test_batch_norm_statistics_come_from_the_best_step_too(tmp_path):
+    """The best weights were evaluated with that step's running statistics: both are what the model ends with."""
+    for checkpointer in (Checkpointer(tmp_path / "checkpoints"), None):
+        model, outcome, seen = run(checkpointer, batch_norm=True)
+        assert outcome.best_step == 2
+        assert not torch.equal(seen[1]["0.running_mean"], seen[-1]["0.running_mean"]), "the statistics moved after the best step"
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, seen[1][name]), name

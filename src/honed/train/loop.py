@@ -228,6 +228,9 @@ def train(
          "history": [], "loss_sum": 0.0, "loss_count": 0, "samples": 0, "interval_samples": 0,
          "train_seconds": 0.0, "stopped_early": False, "done": False}
     best: dict[str, torch.Tensor] | None = None
+    # the best step's persistent buffers (batch norms' running statistics): the best weights need the
+    # statistics they were evaluated with, not the last step's (small: kept in memory and in every checkpoint)
+    best_buffers: dict[str, torch.Tensor] | None = None if sharded else {}
     ckpt_name = f"{cfg.stage}"
     # with a checkpoint at every evaluation the best weights live in the checkpoints, not in memory:
     # a copy of every trainable weight is the largest thing honed would otherwise add to training.
@@ -237,10 +240,12 @@ def train(
     from_shards = resume and checkpointer.is_sharded(ckpt_name)
     plain_best = optimizer_by_name = None
     if resume:
-        tensors, saved, objects = checkpointer.load(ckpt_name, ("weights", "buffers") if best_on_disk else None)
+        tensors, saved, objects = checkpointer.load(ckpt_name, ("weights", "buffers", "best_buffers") if best_on_disk else None)
         if not from_shards:  # into the plain model, before an FSDP engine shards it
             load_trainable(model, tensors["weights"])
             load_buffers(model, tensors.get("buffers", {}))
+            if best_buffers is not None:
+                best_buffers.update(tensors.get("best_buffers", {}))
             best = tensors.get("best")
             if sharded:
                 plain_best = best if best is not None else tensors["weights"] if saved["best_step"] is not None else None
@@ -294,6 +299,8 @@ def train(
         buffers = persistent_buffers(model)
         if buffers:  # batch norms' running statistics change while training: a resumed run must start from them too
             tensors["buffers"] = buffers
+        if best_buffers:
+            tensors["best_buffers"] = best_buffers
         carry = {}
         if best is not None:  # in memory: kept so, or read from a sharded checkpoint
             tensors["best"] = best
@@ -304,12 +311,14 @@ def train(
 
     if not resumed_done:
         best = _run(s, best, work, engine, batches, evaluate, cfg, optimizer, scheduler, trainable, total, best_on_disk,
-                    save_checkpoint, progress, on_evaluation, hooks)
+                    save_checkpoint, progress, on_evaluation, hooks, best_buffers)
     if best is not None:
         load_trainable(work, best)
     elif best_on_disk and not resumed_done and s["best_step"] not in (None, s["step"]) and distributed.is_main():
         # (the other processes of a distributed run return their copy unused: rank 0 reports)
         load_trainable_file(model, best_file())
+    if best_buffers and not resumed_done:
+        load_buffers(work, best_buffers)
     if not resumed_done:
         s["done"] = True
         save_checkpoint()
@@ -319,8 +328,10 @@ def train(
 
 
 def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg: LoopConfig, optimizer, scheduler,
-         trainable: list, total: int, best_on_disk: bool, save_checkpoint, progress, on_evaluation, hooks: Hooks):
-    """The epochs: steps, evaluations, checkpoints; returns the in-memory best weights (None when on disk)."""
+         trainable: list, total: int, best_on_disk: bool, save_checkpoint, progress, on_evaluation, hooks: Hooks,
+         best_buffers: dict | None = None):
+    """The epochs: steps, evaluations, checkpoints; returns the in-memory best weights (None when on disk).
+    best_buffers (a dict, None under FSDP) is refilled with the persistent buffers at each new best step."""
     group = cfg.group
     if progress is not None:
         progress.start(cfg.stage, total, s["step"])
@@ -393,6 +404,9 @@ def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg
                         s["best_metric"], s["best_tie"], s["best_step"], s["bad_evals"] = value, tie, s["step"], 0
                         # on disk, the checkpoint written below holds them; in memory, a snapshot
                         best = None if best_on_disk else snapshot_trainable(work, best)
+                        if best_buffers is not None:
+                            best_buffers.clear()
+                            best_buffers.update({n: b.detach().clone() for n, b in persistent_buffers(work).items()})
                     else:
                         s["bad_evals"] += 1
                         if cfg.patience is not None and s["bad_evals"] >= cfg.patience:
