@@ -77,12 +77,13 @@ def bare(**train) -> Recipe:
                                   "method": "full", "train": {"lr": 1e-4, "batch_size": 16, **train}})
 
 
-@pytest.mark.parametrize("rows, epochs", [(300, 10), (1999, 10), (2000, 5), (19999, 5), (20000, 3), (500_000, 3)])
+@pytest.mark.parametrize("rows, epochs", [(40, 10), (300, 10), (1999, 10), (2000, 5), (19999, 5), (20000, 3), (500_000, 3)])
 def test_epochs_auto_follows_the_data_size_rule(rows, epochs):
     recipe = resolve_auto(bare(), "hf", rows)
     assert recipe.train.epochs == epochs
     assert recipe.train.max_steps == epochs * -(-rows // 16), "every epoch's steps"
-    assert recipe.train.eval_every == max(1, -(-rows // 16) // 2), "twice an epoch"
+    per_epoch = -(-rows // 16)
+    assert recipe.train.eval_every == (per_epoch // 2 if per_epoch >= 6 else per_epoch), "twice an epoch (once, when it is short)"
 
 
 def test_epochs_auto_for_forecasters_counts_steps_and_explicit_epochs_are_kept():

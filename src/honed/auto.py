@@ -27,7 +27,8 @@ AUTO_HEAD_LR = 1e-2  # on standardised features
 # then picks the largest micro-batch that fits and accumulates gradients up to it (docs/auto.md)
 AUTO_BATCH = {"wordllama": 32, "mlp": 64, "ts-forecast": 32}
 AUTO_BATCH_DEFAULT = 16  # transformers (Devlin et al. 2019: 16 or 32), causal LMs
-FORECAST_STEPS = 500  # `epochs: auto` for forecasters: about this many optimizer steps
+FORECAST_STEPS = 500
+SHORT_EPOCH = 6  # `eval_every: auto` evaluates once an epoch below this many optimizer steps per epoch  # `epochs: auto` for forecasters: about this many optimizer steps
 
 
 def resolve_rates(recipe: Recipe, family: str) -> Recipe:
@@ -72,6 +73,9 @@ def resolve_auto(recipe: Recipe, family: str, n_train: int, batches_per_epoch: i
         # about 20 evaluations per run: a handful of windows per epoch would otherwise stop early in the warm-up
         t.eval_every = max(per_epoch, per_epoch * t.epochs // 20)
     elif t.eval_every == "auto":
-        # twice an epoch, and at least 4 times in a run the user bounded by max_steps
-        t.eval_every = max(1, min(per_epoch // 2, t.max_steps // 4) if bounded else per_epoch // 2)
+        # twice an epoch, and at least 4 times in a run the user bounded by max_steps; once an epoch when an
+        # epoch is under SHORT_EPOCH steps: `patience` evaluations then span that many epochs, not one
+        # (the panel's 60-image case stopped at step 6 of 30, one epoch of 3 steps after the start, collapsed)
+        interval = per_epoch if per_epoch < SHORT_EPOCH else per_epoch // 2
+        t.eval_every = max(1, min(interval, t.max_steps // 4) if bounded else interval)
     return recipe
