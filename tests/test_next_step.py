@@ -43,6 +43,14 @@ def test_a_run_whose_loss_never_fell_raises_the_rate():
     assert without["set"] == ["train.lr=3e-05"], "no range test (a table family): three times this run's rate"
 
 
+def test_a_forecaster_no_better_than_seasonal_naive_gets_a_rate_step():
+    naive = {"baseline": {"status": "warn", "summary": "B.", "details": {"fine_tuned": -1.03, "majority": None, "linear_probe": None,
+                                                                          "seasonal_naive": {"mase": 0.79, "neg_mase": -0.79}}}}
+    step = next_step.suggest(recipe(lr=3e-3), "ts-forecast", ("full", "lora", "lp-ft"), HISTORY_ROSE, naive, None)
+    assert step["failure"] == "trivial" and "MASE 1.030 does not beat seasonal naive's 0.790" in step["sentence"]
+    assert step["set"] == ["train.lr=0.001"], "the loss rose: this run's rate ÷ 3 (forecasters keep the table: no range test)"
+
+
 def test_below_the_probe_tries_lp_ft_then_the_head():
     below = guards(tuned=0.55, probe=0.7)
     assert next_step.suggest(recipe(), "hf", ("full", "head", "lp-ft"), HISTORY_FLAT, below, None)["set"] == ["method=lp-ft"]

@@ -33,8 +33,9 @@ def failures(guards: dict) -> list[tuple[str, str, str]]:
     base = guards.get("baseline", {}).get("details", {})
     tuned, majority, probe = base.get("fine_tuned"), base.get("majority"), base.get("linear_probe")
     naive = base.get("seasonal_naive")
-    if isinstance(naive, dict) and isinstance(tuned, (int, float)) and not tuned < naive.get("mase", math.inf):
-        found.append(("trivial", "baseline", f"its test MASE {tuned:.3f} does not beat seasonal naive's {naive['mase']:.3f}"))
+    # forecasting: fine_tuned is the primary metric, neg_mase (higher is better), as the guard compares it
+    if isinstance(naive, dict) and isinstance(tuned, (int, float)) and "neg_mase" in naive and not tuned > naive["neg_mase"]:
+        found.append(("trivial", "baseline", f"its test MASE {-tuned:.3f} does not beat seasonal naive's {naive['mase']:.3f}"))
     elif isinstance(tuned, (int, float)) and isinstance(majority, (int, float)) and tuned <= majority + TRIVIAL_MARGIN:
         found.append(("trivial", "baseline", f"it scores {tuned:.3f}, the majority class {majority:.3f}"))
     if isinstance(tuned, (int, float)) and isinstance(probe, (int, float)) and tuned < probe - PROBE_MARGIN:

@@ -204,7 +204,8 @@ def auto_notes(recipe: Recipe, was_auto: dict, memory: dict, lr_range: dict | No
     t = recipe.train
     notes = []
     if lr_range is not None:
-        notes.append(f"train.lr: auto -> {t.lr:g}: the learning-rate range test ({lr_range['rule']}; the table's {lr_range['prior']:g}; lr_range.json)")
+        prior = "" if "table" in lr_range["rule"] else f"; the table's {lr_range['prior']:g}"
+        notes.append(f"train.lr: auto -> {t.lr:g}: the learning-rate range test ({lr_range['rule']}{prior}; lr_range.json)")
     batch = memory.get("auto_batch")
     if batch is not None:
         if batch["accumulation"] > 1 or batch["micro"] < batch["effective"]:
