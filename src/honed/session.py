@@ -26,6 +26,7 @@ from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
 from .tasks.base import Reference, Splits, Task
 from .train.allocator import release_free_memory
+from .train import distributed
 from .train.distributed import launched_world
 from .train.precision import device as pick_device
 from .train.precision import resolve_precision
@@ -119,6 +120,11 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     resolve_rates(recipe, bundle.family)  # the table's rate: the memory check's input and the range test's prior
     precision = resolve_precision(recipe.train.precision, dev)
     memory = memory_estimate(recipe, task, bundle, precision, splits, dev, memory_mb, batch_auto=was_auto["batch_size"])
+    if was_auto["batch_size"] or was_auto["gradient_checkpointing"]:
+        # every process of a distributed run must take the same steps: rank 0's memory decides (processes see different free memory)
+        t = recipe.train
+        t.batch_size, t.grad_accumulation, t.gradient_checkpointing = distributed.broadcast(
+            (t.batch_size, t.grad_accumulation, t.gradient_checkpointing), distributed.join())
     key = features_key(recipe, precision)
     cached = cache.get(key) if cache is not None else None
     if cached is None:
