@@ -22,10 +22,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceSpec(Strict):
+    """One source of a mixture: `data.train: [{path: a.jsonl, weight: 0.7}, {path: hf:owner/name, weight: 0.3}]`."""
+
+    path: str  # any single-source form: a file, a folder of shards, a glob, a save_to_disk folder, hf:owner/name
+    weight: float | None = Field(None, gt=0)  # this source's share of the examples (normalised); none: every row
+    subset: str | None = None  # hf: the dataset's configuration (default: data.subset)
+    split: str | None = None  # hf: or a save_to_disk DatasetDict: the split (default: data.split)
+
+
 class DataSpec(Strict):
-    train: str
-    validation: str | None = None
-    test: str | None = None
+    # a file (csv/jsonl/parquet), a folder of shards, a glob, a save_to_disk folder, hf:owner/name, or a mixture
+    train: str | list[SourceSpec]
+    validation: str | list[SourceSpec] | None = None
+    test: str | list[SourceSpec] | None = None
+    subset: str | None = None  # hf: sources: the dataset's configuration (load_dataset's `name`)
+    split: str | None = None  # hf: sources and save_to_disk DatasetDicts: the split to read (default: train)
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"  # chat: the conversation format; auto: from the first rows
     text: str = "text"
     label: str = "label"
     groups: list[str] = Field(default_factory=list)
@@ -355,8 +368,8 @@ def read_yaml(path: Path) -> dict:
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
-    if value is None:
-        return None
+    if value is None or value.startswith("hf:"):  # a Hub dataset id is not a path
+        return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 
@@ -368,9 +381,13 @@ def _looks_local(value: str) -> bool:
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make the recipe's relative paths relative to the recipe file's folder."""
     data = recipe.data
-    data.train = _resolve(base, data.train)
-    data.validation = _resolve(base, data.validation)
-    data.test = _resolve(base, data.test)
+    for key in ("train", "validation", "test"):
+        value = getattr(data, key)
+        if isinstance(value, list):
+            for source in value:
+                source.path = _resolve(base, source.path)
+        else:
+            setattr(data, key, _resolve(base, value))
     if recipe.reference is not None:
         recipe.reference.data = _resolve(base, recipe.reference.data)
     if recipe.out is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ...data.load import read_table
+from ...data.sources import load_split, source_name, sources_note
 from ...data.split import carve, label_to_str
 from ...errors import DataError
 from ...recipe import DataSpec
@@ -31,10 +31,8 @@ def _columns_error(field_name: str, column: str, path: str, frame: pd.DataFrame)
     return DataError(f"{field_name}: column '{column}' not found in {_name(path)} (columns: {cols})")
 
 
-def _name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name
+def _name(path) -> str:
+    return source_name(path)
 
 
 NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
@@ -102,12 +100,16 @@ def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: l
 def load_text_splits(spec: DataSpec, seed: int) -> TextSplits:
     """Read train (and validation/test when given), validate, and carve the missing splits."""
     notes: list[dict] = []
-    train = _prepare(read_table(spec.train, "data.train"), spec, spec.train, "train", notes)
-    validation = test = None
-    if spec.validation:
-        validation = _prepare(read_table(spec.validation, "data.validation"), spec, spec.validation, "validation", notes)
-    if spec.test:
-        test = _prepare(read_table(spec.test, "data.test"), spec, spec.test, "test", notes)
+
+    def read(role: str):
+        loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
+                            lambda frame, name: _prepare(frame, spec, name, role, notes))
+        notes.append(sources_note(loaded, role))
+        return loaded.frame
+
+    train = read("train")
+    validation = read("validation") if spec.validation else None
+    test = read("test") if spec.test else None
 
     classes = train["label"].value_counts()
     if len(classes) < 2:
@@ -206,6 +208,7 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     return {
         "findings": findings,
         "splits": summary,
+        "sources": {n["split"]: n["sources"] for n in splits.notes if n.get("code") == "sources"},
         "duplicates_in_train": int(dup_mask.sum()),
         "conflicting_labels": conflicting,
         "leakage": leakage,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data import ragged
+from ...data import ragged, tokens
 from ...data.batching import batch_plan
 from ...models.capture import head_inputs
 from ...models.load import ModelBundle, logits_of
@@ -28,21 +28,23 @@ class EncodedSplit:
     lengths: torch.Tensor
     labels: torch.Tensor
     truncated: int
+    from_cache: bool = False  # the token ids were read back from the tokenisation cache (data/tokens.py)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
 
 def encode(bundle: ModelBundle, texts: list[str], labels: list[str] | None, max_length: int) -> EncodedSplit:
-    """Tokenise once; texts longer than max_length are cut and counted (never silently)."""
-    ids = bundle.encode(list(texts), max_length + 1)
-    truncated = sum(len(x) > max_length for x in ids)
-    ids = [x[:max_length] if len(x) > max_length else x for x in ids]
-    ids = [x if len(x) else [bundle.pad_id] for x in ids]
-    flat, offsets, lengths = ragged.pack(ids)
-    index = {label: i for i, label in enumerate(bundle.labels)}
-    y = torch.tensor([index[label] for label in labels], dtype=torch.long) if labels is not None else torch.full((len(ids),), -1)
-    return EncodedSplit(flat, offsets, lengths, y, truncated)
+    """Tokenise once (and, through the cache, once across runs); texts longer than max_length are
+    cut and counted (never silently)."""
+    texts = list(texts)
+    done = tokens.tokenise(texts, bundle.encode, tokens.tokenizer_key(bundle.tokenizer, bundle.family), max_length, bundle.pad_id)
+    if labels is not None:
+        index = {label: i for i, label in enumerate(bundle.labels)}
+        y = torch.tensor([index[label] for label in labels], dtype=torch.long)
+    else:
+        y = torch.full((len(texts),), -1)
+    return EncodedSplit(done.flat, done.offsets, done.lengths, y, done.truncated, done.from_cache)
 
 
 def collate(split: EncodedSplit, indices, pad_id: int) -> dict:

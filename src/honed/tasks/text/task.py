@@ -33,7 +33,9 @@ def load_model(recipe, splits):
 def audit(recipe, splits, bundle=None, encoded=None) -> dict:
     if encoded is None:
         return data.audit_text_splits(splits)
-    return data.audit_text_splits(splits, {k: v.truncated for k, v in encoded.items()}, recipe.data.max_length)
+    audit = data.audit_text_splits(splits, {k: v.truncated for k, v in encoded.items()}, recipe.data.max_length)
+    audit["tokenisation"] = {k: {"rows": len(v), "from_cache": v.from_cache} for k, v in encoded.items()}
+    return audit
 
 
 def encode(bundle, frame, labels, recipe):
