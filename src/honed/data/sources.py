@@ -245,3 +245,8 @@ def sources_note(loaded: Loaded, role: str) -> dict:
         message = f"{role} mixes " + ", ".join(
             f"{source_name(s['source'])} ({s['share']:.1%}, {s['rows']} of {s['rows_available']} rows)" for s in loaded.sources)
     return {"level": "info", "code": "sources", "split": role, "message": message, "sources": loaded.sources}
+
+
+def read_frame(value, field: str, spec, seed: int = 0) -> pd.DataFrame:
+    """Any recipe split form (a mixture included) as one frame, for tasks whose rows need no per-source preparation."""
+    return load_split(value, field, spec.subset, spec.split, seed).frame

@@ -1,68 +1,36 @@
-"""Chat data: JSONL conversations (`messages`: a list of {role, content}), validated record by
+"""Chat data: conversations in any format of formats.py from any source of data/sources.py, validated record by
 record, split into train/validation/test, and audited (truncation and packing counted, never silent)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 
-from ...data.load import read_table
+from ...data.sources import load_split, source_name, sources_note
 from ...errors import DataError
 from ..text.data import TextSplits
+from .formats import ROLES, detect_format, to_messages, validate_messages
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ROLES", "audit_chat", "carve_missing", "format_of", "load_chat_splits", "pack_rows", "validate_messages"]
 
-
-def validate_messages(messages, where: str) -> list[dict]:
-    """Check one conversation; `where` names the file and record in errors. Returns plain dicts.
-
-    Rules: a non-empty list of {role, content} objects; roles system/user/assistant; a system
-    message only first; content a string; at least one assistant message (there is nothing to learn otherwise).
-    """
-    if messages is None or (isinstance(messages, float) and messages != messages):  # absent in this record (NaN)
-        raise DataError(f"{where}: the record has no 'messages'; expected a list of {{\"role\", \"content\"}} objects")
-    if isinstance(messages, str):  # a CSV/Parquet cell holding JSON
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: 'messages' is a string that is not JSON; expected a list of {{\"role\", \"content\"}} objects") from None
-    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {i} is a {type(m).__name__}, expected an object with 'role' and 'content'")
-        missing = [k for k in ("role", "content") if k not in m]
-        if missing:
-            raise DataError(f"{where}: message {i} has no {' or '.join(repr(k) for k in missing)} (keys: {', '.join(map(str, m))})")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: message {i} has role {role!r}; allowed roles are {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} ({role}) has content of type {type(content).__name__}; expected a string")
-        if role == "system" and i != 0:
-            raise DataError(f"{where}: message {i} is a system message; a system message may only come first")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _read(path: str, field: str, column: str) -> pd.DataFrame:
-    frame = read_table(path, field)
-    if column not in frame.columns:
-        hint = ("; it holds chosen/rejected pairs: use task: preference" if {"chosen", "rejected"} <= set(frame.columns)
-                else "; each record needs a list of {\"role\", \"content\"} messages")
-        raise DataError(f"data.messages: column '{column}' not found in {Path(path).name} (columns: {', '.join(map(str, frame.columns[:30]))})"
-                        + hint)
-    rows = []
-    for i, value in enumerate(frame[column].tolist(), start=1):
-        where = f"{field}: {Path(path).name} record {i}"
-        messages = validate_messages(value, where)
+def _read(frame: pd.DataFrame, name: str, field: str, spec, formats: list[str]) -> pd.DataFrame:
+    """One source's records as `messages` (and `tools`) in the messages format, whatever format they came in."""
+    where = f"{field}: {name}"
+    fmt = detect_format(frame, spec.format, spec.messages, where)
+    formats.append(fmt)
+    rows, tools = [], []
+    for i, row in enumerate(frame.to_dict("records"), start=1):
+        at = f"{where} record {i}"
+        messages, row_tools = to_messages(row, fmt, spec.messages, at)
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant message; there is nothing to learn from it (add the assistant's reply or remove the record)")
+            raise DataError(f"{at}: the conversation has no assistant message; there is nothing to learn from it (add the assistant's reply or remove the record)")
         rows.append(messages)
-    return pd.DataFrame({"messages": rows})
+        tools.append(row_tools)
+    out = pd.DataFrame({"messages": rows})
+    if any(t is not None for t in tools):
+        out["tools"] = tools
+    return out
 
 
 def _carve(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -77,7 +45,7 @@ def carve_missing(spec, train: pd.DataFrame, validation, test, seed: int, unit: 
     notes: list[dict] = []
     needed = (validation is None) + (test is None)
     if needed and len(train) < 3 * needed:
-        raise DataError(f"data.train: {Path(spec.train).name} has {len(train)} {unit}; too few to carve validation and test splits; "
+        raise DataError(f"data.train: {source_name(spec.train)} has {len(train)} {unit}; too few to carve validation and test splits; "
                         f"give data.validation and data.test, or more {unit}")
     if test is None:
         train, test = _carve(train, spec.test_fraction, seed)
@@ -93,10 +61,27 @@ def carve_missing(spec, train: pd.DataFrame, validation, test, seed: int, unit: 
 def load_chat_splits(recipe, seed: int) -> TextSplits:
     """Train (and validation/test when given) as frames with one `messages` column; missing splits carved at random."""
     spec = recipe.data
-    train = _read(spec.train, "data.train", spec.messages)
-    validation = _read(spec.validation, "data.validation", spec.messages) if spec.validation else None
-    test = _read(spec.test, "data.test", spec.messages) if spec.test else None
+    formats: list[str] = []
+    read_notes = []
+
+    def read(role: str):
+        loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
+                            lambda frame, name: _read(frame, name, f"data.{role}", spec, formats))
+        read_notes.append(sources_note(loaded, role))
+        return loaded.frame
+
+    train = read("train")
+    validation = read("validation") if spec.validation else None
+    test = read("test") if spec.test else None
+    if "tools" in train or any(s is not None and "tools" in s for s in (validation, test)):
+        for frame in (train, validation, test):
+            if frame is not None and "tools" not in frame:
+                frame["tools"] = None
     train, validation, test, notes = carve_missing(spec, train, validation, test, seed, "conversations")
+    formats = sorted(set(formats))
+    how = "detected from the first records" if spec.format == "auto" else "data.format"
+    notes = read_notes + [{"level": "info", "code": "format", "formats": formats,
+                           "message": f"conversation format: {', '.join(formats)} ({how})"}] + notes
     return TextSplits(train, validation, test, [], notes)
 
 
@@ -138,7 +123,10 @@ def audit_chat(splits: TextSplits, encoded: dict, max_length: int, packing: bool
     for name, info in summary.items():
         if info["duplicates"]:
             findings.append({"level": "info", "code": "duplicates", "split": name, "message": f"{info['duplicates']} duplicate conversation(s) in {name}"})
-    out = {"task": "chat", "findings": findings, "splits": summary, "max_length": max_length, "packing": packing}
+    out = {"task": "chat", "findings": findings, "splits": summary, "max_length": max_length, "packing": packing,
+           "format": format_of(splits),
+           "sources": {n["split"]: n["sources"] for n in splits.notes if n.get("code") == "sources"},
+           "tool_conversations": {name: int(f["tools"].notna().sum()) if "tools" in f else 0 for name, f in frames.items()}}
     train = encoded.get("train")
     if train is not None and packing:
         rows = pack_rows(train.lengths.tolist(), max_length)
@@ -146,6 +134,11 @@ def audit_chat(splits: TextSplits, encoded: dict, max_length: int, packing: bool
         out["packing_stats"] = {"conversations": len(train), "sequences": len(rows),
                                 "fill": round(filled / max(1, len(rows) * max_length), 3)}
     return out
+
+
+def format_of(splits) -> str:
+    """The conversation format(s) the splits were read in, as audit.json's `format`."""
+    return ", ".join(next((n["formats"] for n in splits.notes if n.get("code") == "format"), ["messages"]))
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:

@@ -68,9 +68,10 @@ def _template_text(tokenizer) -> str:
     return template if isinstance(template, str) else json.dumps(template)
 
 
-def render_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def render_with_mask(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation, and True for each token of an assistant reply
-    (its content and the template's end-of-turn marker, not the role header).
+    (its content and the template's end-of-turn marker, not the role header), tool-call turns
+    included; `tools` (the functions the conversation may call) go to the template's tool support.
 
     With `{% generation %}` markers in the template, transformers' own assistant mask is used;
     otherwise the assistant spans are found by rendering prefixes: the text before reply i is
@@ -79,15 +80,15 @@ def render_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[b
     """
     template = _template_text(tokenizer)
     if "generation %}" in template:
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return list(enc["input_ids"]), [bool(x) for x in enc["assistant_masks"]]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
         if not (text.startswith(before) and text.startswith(through) and len(through) >= len(before)):
             raise RecipeError("data.chat_template: the template does not render a conversation prefix by prefix, so the assistant "
                               "tokens cannot be located; use a template with {% generation %} markers around assistant replies")
@@ -98,12 +99,17 @@ def render_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[b
     return ids, mask
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int, packing: bool) -> EncodedChat:
-    """Render and tokenise once; conversations longer than max_length are cut and counted."""
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int, packing: bool,
+                         tools: list | None = None) -> EncodedChat:
+    """Render and tokenise once; conversations longer than max_length are cut and counted.
+    tools: per conversation, the functions it may call (None: none)."""
+    if "tool" not in _template_text(tokenizer) and any(m.get("tool_calls") or m["role"] == "tool" for c in conversations for m in c):
+        raise RecipeError("data.chat_template: the conversations call tools but the chat template has no tool support (it never "
+                          "mentions tools); give data.chat_template a template that renders tool_calls and the tool role")
     all_ids, all_mask, lengths = [], [], []
     truncated = dropped = dropped_assistant = no_target = 0
-    for messages in conversations:
-        ids, mask = render_with_mask(tokenizer, messages)
+    for k, messages in enumerate(conversations):
+        ids, mask = render_with_mask(tokenizer, messages, tools[k] if tools is not None else None)
         if len(ids) > max_length:
             truncated += 1
             dropped += len(ids) - max_length
@@ -135,7 +141,8 @@ def _encoded(ids, mask, lengths, truncated, dropped, dropped_assistant, no_targe
 
 
 def encode(bundle, frame, labels, recipe) -> EncodedChat:
-    return encode_conversations(bundle.tokenizer, frame["messages"].tolist(), recipe.data.max_length, recipe.data.packing)
+    tools = frame["tools"].tolist() if "tools" in frame else None
+    return encode_conversations(bundle.tokenizer, frame["messages"].tolist(), recipe.data.max_length, recipe.data.packing, tools)
 
 
 def subset(split: EncodedChat, idx) -> EncodedChat:

@@ -35,7 +35,7 @@ def check_recipe(recipe) -> None:
 
 def audit(recipe, splits, bundle=None, encoded=None) -> dict:
     if encoded is None:  # token-level figures need the tokenizer: `honed run` reports them
-        return {"findings": list(splits.notes),
+        return {"findings": list(splits.notes), "format": data.format_of(splits),
                 "splits": {name: {"rows": int(len(getattr(splits, name)))} for name in ("train", "validation", "test")}}
     return data.audit_chat(splits, encoded, recipe.data.max_length, recipe.data.packing)
 

@@ -11,12 +11,11 @@ history a forecaster would have at that moment).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ...data.load import read_table
+from ...data.sources import read_frame, source_name
 from ...errors import DataError, RecipeError
 
 # pandas frequency prefix → seasonal period, for `data.season: auto`
@@ -179,8 +178,8 @@ def load_forecast_splits(recipe) -> ForecastSplits:
                           "give the whole history in data.train and remove this key")
     if spec.groups:
         raise RecipeError("data.groups: the bias guard compares groups of a classifier's rows; forecasting has none, remove data.groups")
-    name = Path(spec.train).name
-    frame = check_long_frame(read_table(spec.train, "data.train"), spec, name)
+    name = source_name(spec.train)
+    frame = check_long_frame(read_frame(spec.train, "data.train", spec), spec, name)
     frame = frame.reset_index(drop=True)
     freqs = {s: series_freq(g["time"]) for s, g in frame.groupby("series", sort=False)}
     notes: list[dict] = []

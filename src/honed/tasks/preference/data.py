@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
-from ...data.load import read_table
+from ...data.sources import read_frame, source_name
 from ...errors import DataError
 from ..chat.data import carve_missing, validate_messages
 
@@ -79,8 +78,8 @@ def _split_conversations(chosen, rejected, where: str) -> tuple[list[dict], str,
 
 def read_pairs(path: str, field_name: str, spec) -> pd.DataFrame:
     """One frame of (prompt, chosen, rejected) from a preference file; errors name the file and row."""
-    frame = read_table(path, field_name)
-    name = Path(path).name
+    frame = read_frame(path, field_name, spec)
+    name = source_name(path)
     columns = ", ".join(map(str, frame.columns[:30]))
     if spec.messages in frame.columns and spec.chosen not in frame.columns:
         raise DataError(f"{field_name}: {name} holds conversations ('{spec.messages}' column) but no '{spec.chosen}'/'{spec.rejected}' "

@@ -4,12 +4,11 @@ preprocessing (imputation, scaling, one-hot) that is fitted once and saved with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ...data.load import read_table
+from ...data.sources import read_frame, source_name
 from ...data.split import carve, label_to_str
 from ...data.preprocess import Preprocessor
 from ...errors import DataError, RecipeError
@@ -50,22 +49,22 @@ def load_tabular_splits(recipe, seed: int) -> TabularSplits:
     notes: list[dict] = []
 
     def prepare(path, field_name):
-        frame = read_table(path, field_name)
+        frame = read_frame(path, field_name, spec, seed)
         for col in [*spec.features, spec.label, *spec.groups]:
             if col not in frame.columns:
                 key = "data.label" if col == spec.label else "data.groups" if col in spec.groups else "data.features"
-                raise DataError(f"{key}: column '{col}' not found in {Path(path).name} (columns: {', '.join(map(str, frame.columns[:30]))})")
+                raise DataError(f"{key}: column '{col}' not found in {source_name(path)} (columns: {', '.join(map(str, frame.columns[:30]))})")
         target = frame[spec.label]
         missing = target.isna() | (target.astype(str).str.strip() == "")
         if missing.any():
-            raise DataError(f"data.label: {int(missing.sum())} row(s) of {Path(path).name} have no '{spec.label}' value; fill them in or remove those rows")
+            raise DataError(f"data.label: {int(missing.sum())} row(s) of {source_name(path)} have no '{spec.label}' value; fill them in or remove those rows")
         out = frame[[*spec.features, *[g for g in spec.groups if g not in spec.features]]].copy()
         if regression:
             y = pd.to_numeric(target, errors="coerce")
             bad = y.isna() | ~np.isfinite(y.astype(float))
             if bad.any():
                 example = target[bad].iloc[0]
-                raise DataError(f"data.label: '{spec.label}' in {Path(path).name} must be numeric for tabular-regression; found {example!r}")
+                raise DataError(f"data.label: '{spec.label}' in {source_name(path)} must be numeric for tabular-regression; found {example!r}")
             out["label"] = y.astype(float).to_numpy()
         else:
             out["label"] = target.map(label_to_str).to_numpy()
@@ -81,7 +80,7 @@ def load_tabular_splits(recipe, seed: int) -> TabularSplits:
         train["_bin"] = pd.qcut(train["label"], q=min(5, train["label"].nunique()), labels=False, duplicates="drop").astype(str)
         stratify_col = "_bin"
     if len(train) < 10 and (validation is None or test is None):
-        raise DataError(f"data.train: {Path(spec.train).name} has {len(train)} rows; too few to carve validation and test splits")
+        raise DataError(f"data.train: {source_name(spec.train)} has {len(train)} rows; too few to carve validation and test splits")
     if test is None:
         train, test, _ = carve(train, spec.test_fraction, stratify_col, seed)
         notes.append({"level": "info", "code": "split", "message": f"test split carved from train ({len(test)} rows, seed {seed})"})
