@@ -27,8 +27,9 @@ from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
 from .recipe import Recipe, load_recipe, main_seed
+from .phases import Phases
 from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_pid, write_recipe
-from .session import Session, prepare, setup
+from .session import Session, load_data, prepare, prepare_recipe, setup
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk
 from .train.precision import set_threads
@@ -79,38 +80,45 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     group = distributed.join()
     trackers: list[dict] = []  # opened once the run directory exists; closed here however the run ends
     status = "FAILED"
+    phases = Phases(show_progress and (group is None or group.main))
     try:
         result = run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks or Hooks(),
-                            started, group, trackers)
+                            started, group, trackers, phases)
         status = "FINISHED"
         # the helper processes wait for rank 0's guards: gloo aborts a process that leaves the group while a peer is still in it
         distributed.barrier(group)
         return result
-    except (TrainingInterrupted, KeyboardInterrupt):
+    except TrainingInterrupted:
         status = "KILLED"
         raise
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint and raises TrainingInterrupted)
+        status = "KILLED"
+        raise phases.interrupted(rerun_command(source, overrides, out)) from None
     finally:
         track.close_trackers(trackers, status)
         distributed.leave()
 
 
 def run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks: Hooks,
-               started: float, group, trackers: list) -> RunResult:
+               started: float, group, trackers: list, phases: Phases) -> RunResult:
     main = group is None or group.main
     show_progress = show_progress and main
-    recipe, splits = prepare(source, overrides)
+    recipe = prepare_recipe(source, overrides)
     distributed.check_launch(recipe.train.distributed, recipe.train.offload, group)
     run_dir = resolve_run_dir(recipe, source, out)
-    check_run_dir(run_dir, resume, overwrite)  # before anything is loaded: refuse what would lose work
+    check_run_dir(run_dir, resume, overwrite)  # before any data is read: refuse what would lose work
+    with phases.phase("reading data", lambda: f"{len(splits.train)} training rows"):
+        splits = load_data(recipe)
     threads = set_threads(recipe.train.threads)
     if resume:
         resumed_rates(recipe, run_dir)
-    say(show_progress, "phase: loading the model, tokenising, caching features")
-    session = setup(recipe, splits, cache, hooks)
+    session = setup(recipe, splits, cache, hooks, phases=phases)
     choose_engine(session, group)
-    audit = run_audit(session)
+    with phases.phase("auditing the data"):
+        audit = run_audit(session)
     if main:
         open_run_dir(run_dir, recipe, audit, resume, overwrite, session.auto_notes)
+        phases.run_dir = run_dir
         if session.lr_range is not None:
             write_json_atomic(run_dir / "lr_range.json", session.lr_range)
     distributed.barrier(group)  # the run directory is ready (and an --overwrite'd one gone) before anyone trains
@@ -162,6 +170,13 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
 
 
 # --------------------------------------------------------------------------- stages
+
+def rerun_command(source, overrides, out) -> str:
+    """The command that runs `source` again, for the Ctrl-C message."""
+    if not isinstance(source, (str, Path)):
+        return "honed.run(...)"
+    return f"honed run {source}" + "".join(f" -s {s}" for s in overrides or []) + (f" --out {out}" if out else "")
+
 
 def choose_engine(session: Session, group) -> None:
     """DDP or FSDP for a distributed run (train.distributed; auto: FSDP when one device cannot hold

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ from .methods import METHODS
 from .memory import (Plan, available_mb, check_memory, estimate_training_memory, largest_fitting_batch,
                      resolve_gradient_checkpointing)
 from .models.load import ModelBundle
+from .phases import Phases
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
 from .tasks.base import Reference, Splits, Task
@@ -78,6 +80,12 @@ class Session:
 
 def prepare(source, overrides=None) -> tuple[Recipe, object]:
     """Recipe and data: everything `honed check` does, without loading a model."""
+    recipe = prepare_recipe(source, overrides)
+    return recipe, load_data(recipe)
+
+
+def prepare_recipe(source, overrides=None) -> Recipe:
+    """The recipe, checked against its task and method; no data read yet (the run checks its run directory first)."""
     recipe = load_recipe(source, overrides)
     track.check_available(recipe)
     task = TASKS[recipe.task]
@@ -88,10 +96,14 @@ def prepare(source, overrides=None) -> tuple[Recipe, object]:
     method_check = METHODS[recipe.method]["check"]
     if method_check is not None:
         method_check(recipe)
-    splits = task.load_splits(recipe)
     if recipe.replay is not None and (recipe.reference is None or recipe.reference.label is None):
         raise RecipeError("replay: needs a reference section with a label column (reference.label), so the original task can be replayed")
-    return recipe, splits
+    return recipe
+
+
+def load_data(recipe: Recipe):
+    """The task's splits, every data error raised here, before a model loads."""
+    return TASKS[recipe.task].load_splits(recipe)
 
 
 def check_audit(recipe: Recipe, splits) -> dict:
@@ -100,21 +112,23 @@ def check_audit(recipe: Recipe, splits) -> dict:
 
 
 def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None = None,
-          memory_mb: float | None = None) -> Session:
+          memory_mb: float | None = None, phases: Phases | None = None) -> Session:
     """Load the model, check it fits in memory, encode every split once, and cache the pre-trained features.
 
     cache (a dict the caller keeps, e.g. one per `honed tune` worker) holds the encoded splits and
     the pre-trained features between runs that differ only in training hyperparameters.
     memory_mb: the memory to plan for (default: what the device has free); `train.gradient_checkpointing:
-    auto` is resolved against it and written back to the recipe as a bool.
+    auto` is resolved against it and written back to the recipe as a bool. phases times (and prints) each step.
     """
     hooks = hooks or Hooks()
+    phases = phases or Phases(enabled=False)
     seed = main_seed(recipe)
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device()
     task = TASKS[recipe.task]
-    bundle = task.load_model(recipe, splits)
+    with phases.phase("loading the model"):
+        bundle = task.load_model(recipe, splits)
     range_test = range_test_applies(recipe, bundle.family, recipe.train.lr == "auto")
     was_auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "epochs", "eval_every", "gradient_checkpointing")}
     resolve_rates(recipe, bundle.family)  # the table's rate: the memory check's input and the range test's prior
@@ -128,12 +142,14 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     key = features_key(recipe, precision)
     cached = cache.get(key) if cache is not None else None
     if cached is None:
-        encoded = {name: task.encode(bundle, getattr(splits, name), splits.labels, recipe) for name in SPLITS}
+        with phases.phase("tokenising", lambda: f"{sum(len(getattr(splits, n)) for n in SPLITS)} rows"):
+            encoded = {name: task.encode(bundle, getattr(splits, name), splits.labels, recipe) for name in SPLITS}
     bundle.model.to(dev)
     eval_bs = max(32, 2 * recipe.train.batch_size)
     if cached is None:
-        features = {} if task.features is None else {
-            name: timed_features(task, bundle, bundle.model, split, eval_bs, precision, dev, hooks) for name, split in encoded.items()}
+        with phases.phase("feature pass") if task.features is not None else nullcontext():
+            features = {} if task.features is None else {
+                name: timed_features(task, bundle, bundle.model, split, eval_bs, precision, dev, hooks) for name, split in encoded.items()}
         if cache is not None:
             cache[key] = (encoded, features)
     else:
@@ -142,7 +158,8 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     plan = task.batches(encoded["train"], recipe, seed, bundle.pad_id).plan(0)
     resolve_auto(recipe, bundle.family, len(splits.train), len(plan))
     # after encoding (it needs batches) and before anything trains; the model and random state are restored
-    lr_range = resolve_lr(recipe, task, bundle, encoded, features, precision, dev, seed) if range_test else None
+    with phases.phase("learning-rate range test") if range_test else nullcontext():
+        lr_range = resolve_lr(recipe, task, bundle, encoded, features, precision, dev, seed) if range_test else None
     notes = auto_notes(recipe, was_auto, memory, lr_range, len(splits.train))
     g = torch.Generator().manual_seed(seed)
     # the gap needs the training score only as precisely as the validation score it is compared with
@@ -175,9 +192,12 @@ def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: 
     the device does not have it; resolves `train.gradient_checkpointing: auto` into the recipe first,
     and with batch_auto (the recipe said `train.batch_size: auto`; recipe.train.batch_size holds the
     family's effective batch) the largest micro-batch that fits, with gradient accumulation up to it.
-    Returns the estimate's parts in MB ("total_mb" is the per-process peak; "auto_batch" with batch_auto)."""
+    Returns the estimate's parts in MB ("total_mb" is the per-process peak; "auto_batch" with batch_auto; on a CPU
+    "total_mb" counts the data the run is about to add: "data_mb")."""
     device = device or torch.device("cpu")
     have = available_mb(device) if memory_mb is None else memory_mb
+    data_mb = data_memory_mb(recipe, task, bundle, splits) if device.type == "cpu" and splits is not None else 0.0
+    have -= data_mb  # the token ids and cached features share the host memory with training
     plan = memory_plan(recipe, task, bundle, precision, splits)
     t = recipe.train
     if t.distributed == "auto" and plan.world_size > 1:
@@ -202,6 +222,7 @@ def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: 
         t.gradient_checkpointing = resolve_gradient_checkpointing(bundle.model, plan, device, have)
         plan = plan.but(gradient_checkpointing=t.gradient_checkpointing)
     estimate = check_memory(bundle.model, plan, device, tuple(task.methods), have)
+    estimate = {**estimate, "data_mb": data_mb, "total_mb": estimate["total_mb"] + data_mb}
     return {**estimate, "auto_batch": auto_batch} if auto_batch is not None else estimate
 
 
@@ -229,6 +250,31 @@ def auto_notes(recipe: Recipe, was_auto: dict, memory: dict, lr_range: dict | No
         notes.append(f"train.gradient_checkpointing: auto -> {str(t.gradient_checkpointing).lower()}: "
                      f"{'needed to fit' if t.gradient_checkpointing else 'the run fits without it'} ({memory['total_mb'] / 1024:.1f} GB estimated)")
     return notes
+
+
+TOKEN_BYTES = 8 + 4  # an int64 id in the ragged tensor, and its int32 copy in the tokenisation cache while it is read
+CHARS_PER_TOKEN = 3.0  # a cautious average (English: ~4 with a 32k vocabulary)
+
+
+def data_memory_mb(recipe: Recipe, task: Task, bundle: ModelBundle, splits) -> float:
+    """MB the data adds once the splits are read: token ids for tokenised tasks, and the cached
+    features the head trains on (the frames themselves are already in memory, so already not free)."""
+    rows = sum(len(getattr(splits, name)) for name in SPLITS)
+    total = 0.0
+    if bundle.encode is not None:
+        train = splits.train
+        if "text" in train.columns and len(train):
+            sample = train["text"].iloc[: 10_000].astype(str).str.len().mean()
+            per_row = min(recipe.data.max_length, sample / CHARS_PER_TOKEN + 2)
+        else:
+            per_row = task.sequence_length(recipe, bundle.model)
+        total += rows * per_row * TOKEN_BYTES
+    if task.features is not None:
+        try:
+            total += rows * bundle.head().in_features * 4
+        except AttributeError:  # a head that is not one linear layer: its features are counted by the estimate
+            pass
+    return total / 2**20
 
 
 def timed_features(task: Task, bundle, model, split, batch_size: int, precision: str, device, hooks: Hooks) -> torch.Tensor:

@@ -33,6 +33,26 @@ class WordLlamaClassifier(nn.Module):
         return self.classifier(pooled)
 
 
+POOL_TOKENS = 1 << 21  # tokens per embedding_bag call: bounds the chunk's (rows × 256) output and its index copies
+
+
+@torch.no_grad()
+def pooled_features(model: WordLlamaClassifier, flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The classifier's input (each row's mean token embedding) for rows stored flat with offsets:
+    one embedding_bag call per chunk of rows, no padding, no per-batch Python. The same numbers as
+    forward() up to the order of the additions."""
+    weight = model.embedding.weight
+    out, start, n = [], 0, len(offsets) - 1
+    while start < n:
+        end = int(torch.searchsorted(offsets, offsets[start] + POOL_TOKENS, right=True)) - 1
+        end = min(n, max(end, start + 1))
+        a, b = int(offsets[start]), int(offsets[end])
+        ids = flat[a:b].to(weight.device)
+        out.append(torch.nn.functional.embedding_bag(ids, weight, (offsets[start:end] - a).to(weight.device), mode="mean").float().cpu())
+        start = end
+    return torch.cat(out) if out else torch.zeros(0, weight.shape[1])
+
+
 def wordllama_files() -> tuple[Path, Path]:
     """The weights and tokenizer inside the installed wordllama wheel (its own loader reaches for the network)."""
     spec = importlib.util.find_spec("wordllama")

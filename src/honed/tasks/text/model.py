@@ -15,6 +15,7 @@ from ...data import ragged, tokens
 from ...data.batching import batch_plan
 from ...models.capture import head_inputs
 from ...models.load import ModelBundle, logits_of
+from ...models.wordllama import WordLlamaClassifier, pooled_features
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
 
@@ -169,6 +170,8 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 @torch.no_grad()
 def extract_features(bundle: ModelBundle, model: nn.Module, split: EncodedSplit, batch_size: int, precision: str, device) -> torch.Tensor:
     """The head's input for every example (the backbone's feature vector), in fp32."""
+    if isinstance(model, WordLlamaClassifier):  # an embedding table and a mean: computed in a few vectorised calls
+        return pooled_features(model, split.flat, split.offsets)
     fit_threads(precision, device)
     was_training = model.training
     with head_inputs(model, bundle.head_name, lambda x: x.float().cpu()) as captured:
