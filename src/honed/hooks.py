@@ -16,3 +16,4 @@ class Hooks:
     on_threads: Callable[[int], None] | None = None  # the intra-op thread count a step trains with
     on_evaluated: Callable[[float, dict], None] | None = None  # (time.perf_counter() when the evaluation began, its metrics)
     on_features: Callable[[int, float], None] | None = None  # (rows, seconds) of each pass computing the head's input features
+    on_phase: Callable[[str, float], None] | None = None  # (name, seconds) of each start-up phase (phases.py), as it ends

@@ -21,8 +21,9 @@ class RunInterrupted(HonedError):
 class Phases:
     """Times named phases; `enabled` prints one line per finished phase on stderr."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, on_phase=None):
         self.enabled = enabled
+        self.on_phase = on_phase  # hooks.on_phase: (name, seconds)
         self.started = time.perf_counter()
         self.current: str | None = None
         self.seconds: dict[str, float] = {}
@@ -39,6 +40,8 @@ class Phases:
             self.current = outer
         took = time.perf_counter() - begun
         self.seconds[name] = self.seconds.get(name, 0.0) + took
+        if self.on_phase is not None:
+            self.on_phase(name, took)
         if self.enabled:
             extra = f" ({detail()})" if detail is not None else ""
             print(f"{name}: {took:.1f} s{extra}", file=sys.stderr, flush=True)

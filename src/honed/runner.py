@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +81,10 @@ def run(source, overrides: list[str] | None = None, out: str | Path | None = Non
     group = distributed.join()
     trackers: list[dict] = []  # opened once the run directory exists; closed here however the run ends
     status = "FAILED"
-    phases = Phases(show_progress and (group is None or group.main))
+    hooks = hooks or Hooks()
+    phases = Phases(show_progress and (group is None or group.main), hooks.on_phase)
     try:
-        result = run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks or Hooks(),
+        result = run_stages(source, overrides, out, resume, overwrite, show_progress, on_evaluation, cache, hooks,
                             started, group, trackers, phases)
         status = "FINISHED"
         # the helper processes wait for rank 0's guards: gloo aborts a process that leaves the group while a peer is still in it
@@ -128,7 +130,8 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     seed = main_seed(recipe)
     task = session.task
     early = task.before_needs_untouched_model or (task.probe is not None and "head" in METHODS[recipe.method]["stages"])
-    before = task.before(session, cache) if early else None  # otherwise after training, out of the training's memory
+    with phases.phase("scoring the pre-trained model") if early else nullcontext():
+        before = task.before(session, cache) if early else None  # otherwise after training, out of the training's memory
     tuner = FineTuner(session, pristine_on_disk(session, run_dir, main), before.get("head") if before else None)
     trained = fine_tune_in_place(session, tuner, run_dir, seed, show_progress, on_evaluation, trackers, group, hooks)
     if not main:

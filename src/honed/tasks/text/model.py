@@ -135,6 +135,10 @@ def unsort(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: EncodedSplit, pad_id: int, batch_size: int, precision: str, device) -> torch.Tensor:
     """Logits in the split's order; batches are sorted by length so evaluation pads little."""
+    if isinstance(model, WordLlamaClassifier):  # the mean embeddings in a few vectorised calls, then the head
+        pooled = pooled_features(model, split.flat, split.offsets)
+        with autocast(precision, device):
+            return torch.cat([model.classifier(chunk.to(device)).float().cpu() for chunk in pooled.split(65536)]) if len(pooled) else pooled
     fit_threads(precision, device)
     was_training = model.training
     model.eval()
