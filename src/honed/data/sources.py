@@ -248,5 +248,6 @@ def sources_note(loaded: Loaded, role: str) -> dict:
 
 
 def read_frame(value, field: str, spec, seed: int = 0) -> pd.DataFrame:
-    """Any recipe split form (a mixture included) as one frame, for tasks whose rows need no per-source preparation."""
-    return load_split(value, field, spec.subset, spec.split, seed).frame
+    """Any recipe split form (a mixture included) as one frame, for tasks whose rows need no per-source
+    preparation; `spec` is the recipe's data section (or any object: subset and split default to None)."""
+    return load_split(value, field, getattr(spec, "subset", None), getattr(spec, "split", None), seed).frame

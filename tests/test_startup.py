@@ -1,0 +1,61 @@
+"""Start-up behaviour (issue 17): the run directory is checked before any data is read, each phase
+is timed (hooks.on_phase, and one line on stderr), and Ctrl-C outside the training loop says which
+phase it cut short, what was kept and the command that goes on."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import make_texts
+from honed.errors import RecipeError
+from honed.hooks import Hooks
+from honed.phases import RunInterrupted
+from honed.runner import run
+
+
+def recipe(train) -> dict:
+    return {"task": "text-classification", "model": "wordllama", "method": "head", "data": {"train": str(train)},
+            "train": {"head_epochs": 1, "lr": 1e-3, "head_lr": 1e-2, "batch_size": 32},
+            "guards": {"baseline": False}}
+
+
+def test_an_existing_run_directory_is_refused_before_the_data_is_read(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("task: text-classification\n")
+    # the data file does not exist: reading it would fail with a data error, so the refusal must come first
+    with pytest.raises(RecipeError, match=r"^out: run directory .* already exists"):
+        run(recipe(tmp_path / "missing.csv"), out=tmp_path / "run", show_progress=False)
+
+
+def interrupt_at(name: str, seen: list):
+    def on_phase(phase: str, seconds: float) -> None:
+        seen.append((phase, seconds))
+        if phase == name:
+            raise KeyboardInterrupt
+
+    return Hooks(on_phase=on_phase)
+
+
+def test_ctrl_c_before_the_run_directory_exists_says_nothing_was_written(tmp_path, capsys):
+    train = tmp_path / "train.csv"
+    make_texts(120, seed=1).to_csv(train, index=False)
+    seen: list = []
+    with pytest.raises(RunInterrupted) as info:
+        run(recipe(train), out=tmp_path / "run", hooks=interrupt_at("tokenising", seen))
+    assert [p for p, _ in seen] == ["reading data", "loading the model", "tokenising"] and all(s >= 0 for _, s in seen)
+    assert str(info.value).startswith("interrupted before training after ")
+    assert "nothing was written (no run directory yet)" in str(info.value) and info.value.exit_code == 130
+    assert not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert "reading data: " in err and "training rows)" in err.splitlines()[0]
+    assert err.splitlines()[0].startswith("reading data: ") and " s (" in err.splitlines()[0]
+
+
+def test_ctrl_c_after_the_run_directory_is_written_says_how_to_go_on(tmp_path):
+    train = tmp_path / "train.csv"
+    make_texts(120, seed=1).to_csv(train, index=False)
+    with pytest.raises(RunInterrupted) as info:
+        run(recipe(train), out=tmp_path / "run", show_progress=False, hooks=interrupt_at("scoring the pre-trained model", []))
+    message = str(info.value)
+    assert "holds recipe.yaml and audit.json but no checkpoint; start again with: honed.run(...) --overwrite" in message
+    assert (tmp_path / "run" / "audit.json").exists()
