@@ -46,9 +46,9 @@ def test_ctrl_c_before_the_run_directory_exists_says_nothing_was_written(tmp_pat
     assert str(info.value).startswith("interrupted before training after ")
     assert "nothing was written (no run directory yet)" in str(info.value) and info.value.exit_code == 130
     assert not (tmp_path / "run").exists()
-    err = capsys.readouterr().err
-    assert "reading data: " in err and "training rows)" in err.splitlines()[0]
-    assert err.splitlines()[0].startswith("reading data: ") and " s (" in err.splitlines()[0]
+    out = capsys.readouterr().out  # stdout: stderr holds a failing run's one error line only
+    assert out.splitlines()[0].startswith("reading data: ") and out.splitlines()[0].endswith(" training rows)")
+    assert out.splitlines()[1].startswith("loading the model: ") and out.splitlines()[1].endswith(" s")
 
 
 def test_ctrl_c_after_the_run_directory_is_written_says_how_to_go_on(tmp_path):

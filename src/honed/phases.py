@@ -19,7 +19,8 @@ class RunInterrupted(HonedError):
 
 
 class Phases:
-    """Times named phases; `enabled` prints one line per finished phase on stderr."""
+    """Times named phases; `enabled` prints one line per finished phase on stdout (stderr keeps the
+    one-line error contract: a failing run's stderr is its error line only)."""
 
     def __init__(self, enabled: bool = True, on_phase=None):
         self.enabled = enabled
@@ -44,7 +45,7 @@ class Phases:
             self.on_phase(name, took)
         if self.enabled:
             extra = f" ({detail()})" if detail is not None else ""
-            print(f"{name}: {took:.1f} s{extra}", file=sys.stderr, flush=True)
+            print(f"{name}: {took:.1f} s{extra}", file=sys.stdout, flush=True)
 
     def interrupted(self, command: str) -> RunInterrupted:
         """The error for a Ctrl-C in the current phase: what was kept, and the command that goes on."""
