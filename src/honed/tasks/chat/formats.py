@@ -132,9 +132,10 @@ def detect_format(frame: pd.DataFrame, declared: str, messages_column: str, wher
                             + ("; it holds chosen/rejected pairs: use task: preference" if {"chosen", "rejected"} <= set(frame.columns) else ""))
     column = messages_column if first == "messages" else KEY_COLUMN[first]
     if column not in frame.columns:
-        raise DataError(f"data.messages: column '{column}' not found in {where} (columns: {', '.join(map(str, frame.columns[:30]))}); "
-                        f"data.format is {first}" + ("; it holds chosen/rejected pairs: use task: preference"
-                                                     if {"chosen", "rejected"} <= set(frame.columns) else ""))
+        key = "data.messages" if first == "messages" else "data.format"
+        raise DataError(f"{key}: column '{column}' not found in {where} (columns: {', '.join(map(str, frame.columns[:30]))}); "
+                        f"{first} records need it" + ("; it holds chosen/rejected pairs: use task: preference"
+                                                      if {"chosen", "rejected"} <= set(frame.columns) else ""))
     others = [c for fmt, c in ((f, messages_column if f == "messages" else KEY_COLUMN[f]) for f in FORMATS)
               if fmt != first and c in frame.columns]
     if others:  # a JSONL file with records of two formats: some records have only the other key
