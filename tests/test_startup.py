@@ -59,3 +59,20 @@ def test_ctrl_c_after_the_run_directory_is_written_says_how_to_go_on(tmp_path):
     message = str(info.value)
     assert "holds recipe.yaml and audit.json but no checkpoint; start again with: honed.run(...) --overwrite" in message
     assert (tmp_path / "run" / "audit.json").exists()
+
+
+def test_the_memory_check_counts_the_data(tmp_path):
+    """Token ids (12 bytes a token while the cache is read) and cached features (4 bytes a dimension) for every row."""
+    from honed.models.wordllama import load_wordllama
+    from honed.session import data_memory_mb, prepare
+    from honed.tasks import TASKS
+
+    bundle = load_wordllama(["neg", "pos"])
+    figures = []
+    for rows in (200, 2000):
+        train = tmp_path / f"train-{rows}.csv"
+        make_texts(rows, seed=1).to_csv(train, index=False)
+        resolved, splits = prepare(recipe(train))
+        figures.append(data_memory_mb(resolved, TASKS["text-classification"], bundle, splits))
+    assert figures[1] == pytest.approx(10 * figures[0], rel=0.05)
+    assert figures[1] > 2000 * 256 * 4 / 2**20  # at least the features: 2,000 rows × 256 dimensions × 4 bytes
