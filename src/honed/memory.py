@@ -47,6 +47,12 @@ TRAIN_LOGIT_COPIES = 2.5
 EVAL_LOGIT_COPIES = 3  # no backward: logits, log_softmax, the float copy (measured 3.1)
 # tasks/chat/model.py sizes evaluation batches so their logits, held about three times, stay within this
 EVAL_LOGITS_BYTES = 512 * MB
+# With gradient checkpointing autograd saves one value per hidden unit per token per block (the block's
+# input; counted with saved_tensors_hooks), but a process's RSS holds ~12.5 of them per block by the end
+# of the step: the recomputed blocks' temporaries leave the heap that much larger while the loop keeps
+# freed memory (train/allocator.py). Fitted on whole `honed run` processes, chat LoRA at 125M and 500M
+# (12.9 and 12.4 per block, benchmarks/RESULTS.md); it replaces ALLOCATOR_FACTOR for the per-block inputs.
+CHECKPOINTED_RSS_PER_HIDDEN = 12.5
 QUANT_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights (8-bit with double quantisation, else fp32)
 
 
@@ -225,7 +231,7 @@ def activation_bytes(model: nn.Module, plan: Plan, rows: int) -> float:
         n = depth // 2 if plan.freeze_layers == "half" else min(int(plan.freeze_layers), depth)
         depth -= n
     if plan.gradient_checkpointing:
-        return depth * rows * plan.seq_len * shape["hidden"] * per * ALLOCATOR_FACTOR + 2 * block
+        return depth * rows * plan.seq_len * shape["hidden"] * per * CHECKPOINTED_RSS_PER_HIDDEN + 2 * block
     return (depth + 1) * block
 
 

@@ -225,8 +225,8 @@ def run_audit(session: Session) -> dict:
 
 def open_run_dir(run_dir: Path, recipe: Recipe, audit: dict, resume: bool, overwrite: bool, notes: list[str]) -> None:
     prepare_run_dir(run_dir, resume, overwrite)
+    write_recipe(run_dir, recipe, resume, notes)  # on --resume this refuses another recipe: nothing written before it
     write_pid(run_dir)
-    write_recipe(run_dir, recipe, resume, notes)
     write_json_atomic(run_dir / "audit.json", audit)
 
 
