@@ -80,3 +80,41 @@ def test_optimizer_state_allocated_up_front_changes_nothing():
 
     for a, b in zip(trained(True), trained(False)):
         assert torch.equal(a, b)
+
+
+
+
+PIN_SCRIPT = """
+import sys, torch
+from honed.train import allocator
+MB = 2**20
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / MB
+def freed_under_a_pin(size_mb):
+    # a freed buffer under a live one (as a checkpointed backward's are): heap memory cannot shrink there
+    before = rss()
+    block = torch.empty(size_mb * MB, dtype=torch.uint8)
+    block.fill_(1)
+    pin = torch.ones(MB // 4, dtype=torch.uint8)
+    del block
+    grown = rss() - before
+    del pin
+    return grown
+torch.ones(24 * MB, dtype=torch.uint8)  # freed at once: glibc raises its dynamic mmap threshold to 24 MB
+if sys.argv[1] == "return":
+    allocator.return_freed_memory(torch.device("cpu"))
+print(freed_under_a_pin(20))
+"""
+
+
+def test_return_freed_memory_gives_freed_blocks_back_at_once():
+    """Gradient checkpointing's mode, in a fresh process (the heap's state is the process's): a freed
+    20 MB buffer under a live one leaves RSS at once; with glibc's dynamic threshold it stays."""
+    import subprocess
+    import sys
+
+    def grown(mode: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout)
+
+    assert grown("dynamic") > 16
+    assert grown("return") < 8

@@ -116,7 +116,7 @@ class FineTuner:
         return LoopConfig(stage=stage, epochs=epochs, lr=lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                           grad_clip=t.grad_clip, grad_accumulation=t.grad_accumulation, eval_every=eval_every,
                           patience=t.patience, precision=s.precision, primary=s.task.primary, tie_break=s.task.tie_break,
-                          device=s.device, group=group,
+                          device=s.device, group=group, memory_first=t.gradient_checkpointing is True,
                           max_steps=t.max_steps if stage == "model" else None)
 
     def _train_model(self, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval, group, hooks,

@@ -27,7 +27,7 @@ from .phases import Phases
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
 from .tasks.base import Reference, Splits, Task
-from .train.allocator import release_free_memory
+from .train.allocator import release_free_memory, return_freed_memory
 from .train import distributed
 from .train.distributed import launched_world
 from .train.precision import device as pick_device
@@ -139,6 +139,8 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
         t = recipe.train
         t.batch_size, t.grad_accumulation, t.gradient_checkpointing = distributed.broadcast(
             (t.batch_size, t.grad_accumulation, t.gradient_checkpointing), distributed.join())
+    if recipe.train.gradient_checkpointing is True:  # memory before speed: freed buffers go back at once
+        return_freed_memory(dev)
     key = features_key(recipe, precision)
     cached = cache.get(key) if cache is not None else None
     if cached is None:

@@ -46,6 +46,7 @@ class LoopConfig:
     checkpoint_evaluations: bool = True  # False: only the end-of-stage state is saved (cheap stages)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: distributed.Group | None = None  # the processes sharing each batch (torchrun / accelerate launch)
+    memory_first: bool = False  # gradient checkpointing is on: return freed memory at once rather than keep it for speed
 
 
 @dataclass
@@ -338,7 +339,7 @@ def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg
     work.train()
     interval_start = time.perf_counter()
     step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
-    with interrupt_flag() as interrupted, keep_freed_memory(cfg.device):
+    with interrupt_flag() as interrupted, keep_freed_memory(cfg.device, return_at_once=cfg.memory_first):
         while s["epoch"] < cfg.epochs and not s["stopped_early"] and s["step"] < total:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
