@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from helpers import cli
@@ -72,6 +73,7 @@ def test_unknown_option_is_exit_2(capsys, recipe_factory):
     assert code == 2
 
 
+@pytest.mark.slow
 def test_demo_beats_majority_and_linear_probe(tmp_path, capsys, monkeypatch):
     """The real thing: WordLlama's pre-trained embeddings on real tweets, offline."""
     monkeypatch.chdir(tmp_path)
@@ -82,6 +84,17 @@ def test_demo_beats_majority_and_linear_probe(tmp_path, capsys, monkeypatch):
     assert test > metrics["majority"]["accuracy"] + 0.2
     assert test > metrics["pretrained"]["accuracy"] + 0.02
     assert all(g["status"] != "fail" for g in metrics["guards"].values())
-    # a second demo never overwrites the first
-    code, out, err = cli(["demo", "--out", tmp_path / "demo"], capsys)
-    assert code == 0 and (tmp_path / "demo-2" / "metrics.json").exists()
+
+
+def test_a_second_demo_never_overwrites_the_first(tmp_path):
+    from honed.demo import free_run_dir
+
+    base = tmp_path / "demo"
+    assert free_run_dir(base) == base  # missing: the demo's own folder
+    base.mkdir()
+    assert free_run_dir(base) == base  # empty: nothing to lose
+    (base / "metrics.json").write_text("{}")
+    assert free_run_dir(base) == tmp_path / "demo-2"
+    (tmp_path / "demo-2").mkdir()
+    (tmp_path / "demo-2" / "metrics.json").write_text("{}")
+    assert free_run_dir(base) == tmp_path / "demo-3"
