@@ -58,6 +58,9 @@ def print_verdict(metrics: dict, run_dir: Path) -> None:
     step = metrics.get("next_step")
     if step and step["set"] and "retry" not in metrics:
         out_console.print(f"{step['sentence']} `honed run --retry-on-fail` runs it.", soft_wrap=True)
+    guards_seconds = timing.get("guards", {}).get("total_seconds")
+    out_console.print(f"took {timing.get('wall_seconds', 0):.1f} s in all: training {timing.get('train_seconds', 0):.1f} s"
+                      + (f", guards {guards_seconds:.1f} s" if guards_seconds is not None else ""))
 
 
 @app.command()

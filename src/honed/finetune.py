@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checks.budget import GuardBudget
 from .data.batching import shuffled_plan
 from .hooks import Hooks
 from .methods import METHODS, checkpointing
@@ -41,6 +42,7 @@ class FineTuner:
     pristine: dict | StateOnDisk
     probe_head: dict | None = None
     mitigations: bool = True  # L2-SP and replay, as the recipe says (off for the scratch baseline)
+    budget: GuardBudget | None = None  # the extra training the guards may still do (set once the run's fine-tune is done)
 
     def pristine_state(self) -> dict[str, torch.Tensor]:
         """The pre-trained weights as a plain state dict (read back from disk during a run)."""
@@ -49,7 +51,8 @@ class FineTuner:
     def fine_tune(self, seed: int, train_idx: torch.Tensor | None = None, checkpointer: Checkpointer | None = None,
                   progress=None, on_history=None, model: torch.nn.Module | None = None,
                   group: distributed.Group | None = None, method: str | None = None,
-                  hooks: Hooks | None = None, adapter_dir: Path | None = None) -> tuple[torch.nn.Module, list[Outcome], list[dict]]:
+                  hooks: Hooks | None = None, adapter_dir: Path | None = None,
+                  max_steps: int | None = None) -> tuple[torch.nn.Module, list[Outcome], list[dict]]:
         """Train a model with the recipe's method; returns (model, outcomes, history).
 
         model: the module to train in place (the run's own fine-tune); without it, a fresh copy of
@@ -57,6 +60,7 @@ class FineTuner:
         validation split is always the same. group: the processes sharing this fine-tune; hooks:
         observers of its training loops (the run passes them for its own fine-tune only). adapter_dir:
         where the trained adapter is saved on its own, when the method keeps one (the run's fine-tune).
+        max_steps: at most this many optimizer steps per stage (the guards' budget), besides train.max_steps.
         """
         s = self.session
         recipe, task = s.recipe, s.task
@@ -89,7 +93,7 @@ class FineTuner:
                     checkpointing.enable(model, method or recipe.method)
                 model = spec["prepare"](model, bundle, recipe)
                 outcome = self._train_model(bundle, model, train_split, task.subset(train_split, eval_pool), seed, checkpointer,
-                                            progress, on_eval, group, hooks)
+                                            progress, on_eval, group, hooks, max_steps=max_steps)
             history[:] = previous + outcome.history
             outcomes.append(outcome)
         if adapter_dir is not None and spec["adapter"] is not None and spec["adapter"](recipe):
@@ -98,13 +102,15 @@ class FineTuner:
             model = spec["export"](model)
         return model, outcomes, history
 
-    def from_scratch(self) -> torch.nn.Module:
-        """The same architecture from random initialisation, trained in full with the same budget and
-        seed and without the forgetting mitigations (there is nothing to forget)."""
+    def from_scratch(self, max_steps: int | None = None) -> tuple[torch.nn.Module, int]:
+        """The same architecture from random initialisation, trained in full with the same data and
+        seed (for at most max_steps steps) and without the forgetting mitigations (there is nothing to
+        forget); returns the model and the optimizer steps it took."""
         s = self.session
         plain = FineTuner(s, self.pristine, None, mitigations=False)
-        trained, _, _ = plain.fine_tune(main_seed(s.recipe), progress=quiet(), model=scratch_copy(s.bundle).to(s.device), method="full")
-        return trained
+        trained, outcomes, _ = plain.fine_tune(main_seed(s.recipe), progress=quiet(), model=scratch_copy(s.bundle).to(s.device),
+                                               method="full", max_steps=max_steps)
+        return trained, sum(o.steps for o in outcomes)
 
     # ------------------------------------------------------------------ stages
 
@@ -120,7 +126,7 @@ class FineTuner:
                           max_steps=t.max_steps if stage == "model" else None)
 
     def _train_model(self, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval, group, hooks,
-                     stage: str = "model", lr: float | None = None) -> Outcome:
+                     stage: str = "model", lr: float | None = None, max_steps: int | None = None) -> Outcome:
         s = self.session
         t, task = s.recipe.train, s.task
         val = s.encoded["validation"]
@@ -139,6 +145,8 @@ class FineTuner:
         if self.mitigations and s.recipe.replay is not None:
             loss_fn = self._with_replay(bundle, seed)
         cfg = self._loop_config(stage, t.epochs, t.lr if lr is None else lr, len(train_split), t.batch_size, group)
+        if max_steps is not None:
+            cfg.max_steps = max_steps if cfg.max_steps is None else min(cfg.max_steps, max_steps)
         return train(model, batches, loss_fn, evaluate, cfg, checkpointer, progress, regulariser, on_eval, hooks=hooks)
 
     def _train_head(self, bundle, train_set: FeatureSplit, eval_pool, seed, checkpointer, progress, on_eval, probe_head,

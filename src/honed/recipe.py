@@ -176,6 +176,9 @@ class GuardsSpec(Strict):
     min_group_size: int = Field(30, ge=1)
     bias_threshold: float = Field(0.1, ge=0, le=1)
     baseline: bool | Literal["auto"] = "auto"
+    # the learning curve's and the scratch baseline's training together, at most this share of the
+    # fine-tune's optimizer steps (checks/budget.py); null: no limit
+    budget: float | None = Field(0.3, gt=0)
 
 
 class ReplaySpec(Strict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import next_step, track
+from .checks.budget import GuardBudget, GuardClock, note_budget
 from .checks.curve import data_guard, learning_curve
 from .checks.export import export_guard
 from .errors import RecipeError, TrainingInterrupted
@@ -138,31 +139,38 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
         return RunResult(run_dir, {})
     write_history(run_dir, trained.history)
 
+    tuner.budget = GuardBudget(recipe.guards.budget, sum(o.steps for o in trained.outcomes))
+    clock = GuardClock()
     say(show_progress, "phase: forgetting guard, evaluating on validation and test")
-    forgetting, model = task.forgetting(session, tuner, trained.model, before)  # may export WiSE-FT weights
+    with clock("forgetting"):
+        forgetting, model = task.forgetting(session, tuner, trained.model, before)  # may export WiSE-FT weights
     val_metrics = session.evaluate(model, "validation")
     test_outputs = session.outputs(model, session.encoded["test"])  # the test split is touched once, here
     test_metrics = task.metrics(test_outputs, session.encoded["test"])
     write_model(session, model, run_dir, test_outputs)
     say(show_progress, "phase: export guard: reloading model/ from disk")
-    export = export_guard(session, model, run_dir)  # model/ read back from disk behaves like `model`
+    with clock("export"):
+        export = export_guard(session, model, run_dir)  # model/ read back from disk behaves like `model`
     if before is None:
         before = task.before(session, cache)
-    seeds = seed_spread(session, tuner, seed, test_metrics, show_progress)
-    guards = {
-        "overfitting": task.overfitting(session, trained.history, trained.outcomes[-1].best_step, test_outputs,
-                                        seeds if len(seeds) > 1 else None),
-        "forgetting": forgetting,
-        "data": data_guard(session, tuner, trained.history, show_progress),
-        "bias": task.bias(session, test_outputs, before) if task.bias else skipped("the bias guard covers classification tasks in this version"),
-        "baseline": task.baseline(session, tuner, test_metrics, before, trained.train_seconds, show_progress),
-        "export": export,
-    }
+    with clock("overfitting"):  # the extra seeds are the overfitting guard's spread
+        seeds = seed_spread(session, tuner, seed, test_metrics, show_progress)
+        overfitting = task.overfitting(session, trained.history, trained.outcomes[-1].best_step, test_outputs,
+                                       seeds if len(seeds) > 1 else None)
+    with clock("data"):
+        data = data_guard(session, tuner, trained.history, show_progress)
+    with clock("bias"):
+        bias = task.bias(session, test_outputs, before) if task.bias else skipped("the bias guard covers classification tasks in this version")
+    with clock("baseline"):
+        baseline = task.baseline(session, tuner, test_metrics, before, trained.train_seconds, show_progress)
+    guards = {"overfitting": overfitting, "forgetting": forgetting, "data": data, "bias": bias, "baseline": baseline, "export": export}
+    note_budget(guards, tuner.budget)
     step = next_step.for_session(session, trained.history, guards)
     next_step.attach(guards, step)  # the failed guard's verdict line names the change honed would try (--retry-on-fail runs it)
     metrics = assemble_metrics(session, model, trained, before, test_outputs, test_metrics, val_metrics, seeds, guards,
                                run_dir, started, threads)
     metrics["next_step"] = step
+    metrics["timing"]["guards"] = clock.seconds(tuner.budget)
     write_json_atomic(run_dir / "metrics.json", metrics)
     if isinstance(tuner.pristine, StateOnDisk):
         tuner.pristine.remove()

@@ -137,7 +137,8 @@ def text_guards(tmp: Path) -> dict:
     """Every optional guard at once: the learning curve, the scratch baseline, a group column, two
     seeds, and the WiSE-FT sweep with forgetting measured on a labelled reference set."""
     return text_recipe("full", data={"groups": ["region"]}, train={"seeds": [0, 1]},
-                       guards={"data_curve": True, "curve_fractions": [0.3, 0.6, 1.0], "baseline": True, "min_group_size": 5},
+                       guards={"data_curve": True, "curve_fractions": [0.3, 0.6, 1.0], "baseline": True, "min_group_size": 5,
+                               "budget": None},
                        interpolate=True, reference={"data": str(shared("sentiment")), **SENTIMENT_REFERENCE})
 
 
@@ -196,7 +197,7 @@ PATCHTST = {"architecture": "patchtst", "d_model": 16, "layers": 1, "heads": 2}
 
 
 def forecast_patchtst(tmp: Path) -> dict:
-    return forecast_recipe(shared("series"), PATCHTST, guards={"baseline": True})
+    return forecast_recipe(shared("series"), PATCHTST, guards={"baseline": True, "budget": None})
 
 
 def forecast_finetune(tmp: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..guards.status import guard_result
 from ..train.progress import say
+from .budget import memory_refusal
 
 BASELINE_AUTO_SECONDS = 300  # `baseline: auto` trains the scratch model when fine-tuning took less than this
 PROBE_MARGIN = 0.01  # the baseline guard warns when fine-tuning scores this far below the linear probe
@@ -15,8 +16,28 @@ def scratch_model(session, tuner, train_seconds: float, show_progress: bool):
     wanted = session.recipe.guards.baseline
     if not (wanted is True or (wanted == "auto" and train_seconds < BASELINE_AUTO_SECONDS)):
         return None
-    say(show_progress, "baseline: training the same architecture from random initialisation")
-    return tuner.from_scratch()
+    budget = tuner.budget
+    allowed = budget.remaining() if budget is not None else None
+    if allowed is not None and allowed < 1:
+        budget.notes["baseline"] = {"steps_allowed": 0, "note": "the from-scratch baseline was not run: guards.budget has no "
+                                    "training steps left after the other guards; raise guards.budget or set it to null"}
+        return None
+    refusal = memory_refusal(session, "full", "the from-scratch baseline")  # before the scratch model is built
+    if refusal is not None:
+        if budget is not None:
+            budget.notes["baseline"] = {"steps_allowed": allowed, "note": refusal}
+        say(show_progress, f"baseline: {refusal}")
+        return None
+    say(show_progress, "baseline: training the same architecture from random initialisation"
+        + (f" (at most {allowed} steps: guards.budget)" if allowed is not None else ""))
+    trained, steps = tuner.from_scratch(max_steps=allowed)
+    if budget is not None:
+        budget.spend(steps)
+        if allowed is not None and allowed < budget.fine_tune_steps:
+            budget.notes["baseline"] = {"steps_allowed": allowed, "steps": steps, "fine_tune_steps": budget.fine_tune_steps,
+                                        "note": f"the from-scratch model trained for {steps} steps against the fine-tune's "
+                                                f"{budget.fine_tune_steps} (guards.budget), so it is a lower bound of what random init reaches"}
+    return trained
 
 
 def probe_baseline(session, tuner, test_metrics: dict, before: dict, train_seconds: float, show_progress: bool,

@@ -31,6 +31,7 @@ from ...models.load import ModelBundle, load_saved, run_model_dir
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
 from .data import pack_rows, validate_messages
+from .loss import last_hidden, scored_positions, split_model, summed_nll, token_scores
 
 IGNORE = -100
 GENERATIONS = 3  # validation prompts shown before/after in metrics.json
@@ -214,9 +215,16 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 
 
 def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean negative log-likelihood over the assistant tokens of the batch."""
-    nll, scored = _token_nll(_forward(model, batch).logits, batch["targets"])
-    return (nll * scored).sum() / scored.sum().clamp(min=1)
+    """Mean negative log-likelihood over the assistant tokens of the batch: the output layer runs on
+    the assistant positions' hidden states only, in chunks (loss.py), where the model allows it."""
+    parts = split_model(model)
+    if parts is None:
+        nll, scored = _token_nll(_forward(model, batch).logits, batch["targets"])
+        return (nll * scored).sum() / scored.sum().clamp(min=1)
+    decoder, head = parts
+    scored, targets = scored_positions(batch["targets"], IGNORE)
+    hidden = last_hidden(decoder, batch)[:, :-1][scored]
+    return summed_nll(hidden, head, targets) / scored.sum().clamp(min=1)
 
 
 EVAL_LOGITS_BYTES = 512 * 1024 * 1024  # an evaluation batch's logits and their log-softmax stay within this
@@ -225,6 +233,8 @@ EVAL_LOGITS_BYTES = 512 * 1024 * 1024  # an evaluation batch's logits and their 
 def eval_rows(model: nn.Module, split: EncodedChat, batch_size: int) -> int:
     """Rows per evaluation batch: batch_size, fewer when the vocabulary makes the logits of that many
     rows large (32 rows × 256 tokens × a 32k vocabulary is 1 GB of fp32 logits, held about three times)."""
+    if split_model(model) is not None:  # the logits are computed in chunks over the scored positions
+        return batch_size
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     vocab = getattr(out, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 1
     return max(1, min(batch_size, EVAL_LOGITS_BYTES // (3 * 4 * max(1, split.max_length) * vocab)))
@@ -245,14 +255,23 @@ def predict(model: nn.Module, split: EncodedChat, pad_id: int, batch_size: int, 
     out = torch.zeros(len(split), 3)
     try:
         with autocast(precision, device):
+            parts = split_model(model)
             for idx, batch in _eval_batches(split, pad_id, eval_rows(model, split, batch_size)):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits = _forward(model, batch).logits
-                nll, scored = _token_nll(logits, batch["targets"])
-                correct = (logits[:, :-1].argmax(-1) == batch["targets"][:, 1:]) & scored
-                out[idx, 0] = (nll * scored).sum(1).float().cpu()
-                out[idx, 1] = scored.sum(1).float().cpu()
-                out[idx, 2] = correct.sum(1).float().cpu()
+                if parts is None:
+                    logits = _forward(model, batch).logits
+                    nll, scored = _token_nll(logits, batch["targets"])
+                    correct = (logits[:, :-1].argmax(-1) == batch["targets"][:, 1:]) & scored
+                    out[idx, 0] = (nll * scored).sum(1).float().cpu()
+                    out[idx, 1] = scored.sum(1).float().cpu()
+                    out[idx, 2] = correct.sum(1).float().cpu()
+                    continue
+                scored, targets = scored_positions(batch["targets"], IGNORE)
+                nll, correct = token_scores(last_hidden(parts[0], batch)[:, :-1][scored], parts[1], targets)
+                rows = scored.nonzero()[:, 0]
+                per_row = torch.zeros(len(idx), 3, device=nll.device)
+                per_row.index_add_(0, rows, torch.stack([nll, torch.ones_like(nll), correct.float()], 1))
+                out[idx] = per_row.cpu()
     finally:
         model.train(was_training)
     return out
