@@ -48,11 +48,15 @@ EVAL_LOGIT_COPIES = 3  # no backward: logits, log_softmax, the float copy (measu
 # tasks/chat/model.py sizes evaluation batches so their logits, held about three times, stay within this
 EVAL_LOGITS_BYTES = 512 * MB
 # With gradient checkpointing autograd saves one value per hidden unit per token per block (the block's
-# input; counted with saved_tensors_hooks), but a process's RSS holds ~12.5 of them per block by the end
-# of the step: the recomputed blocks' temporaries leave the heap that much larger while the loop keeps
-# freed memory (train/allocator.py). Fitted on whole `honed run` processes, chat LoRA at 125M and 500M
-# (12.9 and 12.4 per block, benchmarks/RESULTS.md); it replaces ALLOCATOR_FACTOR for the per-block inputs.
-CHECKPOINTED_RSS_PER_HIDDEN = 12.5
+# input; counted with saved_tensors_hooks), and the loop hands freed buffers back at once
+# (train/allocator.py return_freed_memory), so the recomputed block's temporaries do not stay in the heap:
+# these terms count without ALLOCATOR_FACTOR. (With glibc's dynamic threshold a 125M LoRA run held ~12.5
+# values per block instead: 2,045 MB peak; with the threshold fixed 1,373 MB; benchmarks/RESULTS.md.)
+CHECKPOINTED_PER_HIDDEN = 1.0
+# chat's loss and evaluation form the logits CHUNKED_LOGITS_BYTES at a time (tasks/chat/loss.py CHUNK_BYTES):
+# a chunk, its softmax's gradient and the gathered hidden states' gradient are held at once
+CHUNKED_LOGITS_BYTES = 64 * MB
+CHUNKED_LOGIT_COPIES = 2
 QUANT_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights (8-bit with double quantisation, else fp32)
 
 
@@ -78,6 +82,7 @@ class Plan:
     freeze_layers: int | str = "half"
     eval_rows: int = 32  # rows in the largest evaluation batch
     packed_mask: bool = True  # chat packs conversations: SDPA gets a (batch, 1, seq, seq) mask per block
+    chunked_logits: bool = False  # chat's loss: the output layer runs over the scored positions in chunks (tasks/chat/loss.py)
 
     def but(self, **changes) -> Plan:
         """The same plan with some fields changed (an alternative the refusal evaluates)."""
@@ -231,7 +236,7 @@ def activation_bytes(model: nn.Module, plan: Plan, rows: int) -> float:
         n = depth // 2 if plan.freeze_layers == "half" else min(int(plan.freeze_layers), depth)
         depth -= n
     if plan.gradient_checkpointing:
-        return depth * rows * plan.seq_len * shape["hidden"] * per * CHECKPOINTED_RSS_PER_HIDDEN + 2 * block
+        return depth * rows * plan.seq_len * shape["hidden"] * per * CHECKPOINTED_PER_HIDDEN + 2 * block / ALLOCATOR_FACTOR
     return (depth + 1) * block
 
 
@@ -256,6 +261,11 @@ def estimate_training_memory(model: nn.Module, plan: Plan) -> dict:
     logits = TRAIN_LOGIT_COPIES * rows * plan.seq_len * shape["vocab"] * 4 if per_token_logits else 0
     eval_rows = max(1, min(plan.eval_rows, EVAL_LOGITS_BYTES // (EVAL_LOGIT_COPIES * 4 * plan.seq_len * max(1, shape["vocab"]))))
     eval_logits = EVAL_LOGIT_COPIES * eval_rows * plan.seq_len * shape["vocab"] * 4 if per_token_logits else 0
+    if per_token_logits and plan.chunked_logits:
+        # the hidden states of the scored positions, gathered (with their gradient), and one chunk of logits at a time
+        gathered = 2 * rows * plan.seq_len * shape["hidden"] * 4
+        logits = CHUNKED_LOGIT_COPIES * min(CHUNKED_LOGITS_BYTES, rows * plan.seq_len * shape["vocab"] * 4) + gathered
+        eval_logits = CHUNKED_LOGIT_COPIES * min(CHUNKED_LOGITS_BYTES, plan.eval_rows * plan.seq_len * shape["vocab"] * 4)
     held_weights, held_grads, held_optimizer = weights, gradients, optimizer
     if plan.fsdp and world > 1:
         # each process keeps 1/N of every sharded tensor, and gathers one block whole (weights and gradients) at a time

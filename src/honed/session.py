@@ -27,6 +27,7 @@ from .phases import Phases
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
 from .tasks.base import Reference, Splits, Task
+from .tasks.chat.loss import split_model as chunked_chat_loss
 from .train.allocator import release_free_memory, return_freed_memory
 from .train import distributed
 from .train.distributed import launched_world
@@ -185,7 +186,8 @@ def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str,
                 fsdp=t.distributed == "fsdp", offload=t.offload, grad_accumulation=t.grad_accumulation, family=bundle.family,
                 head_name=bundle.head_name or "", lora_r=recipe.lora.r, lora_targets=tuple(targets) if targets else None,
                 qlora_bits=recipe.qlora.bits, qlora_double_quant=recipe.qlora.double_quant, freeze_layers=recipe.freeze.layers,
-                eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task == "chat")
+                eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task == "chat",
+                chunked_logits=recipe.task == "chat" and recipe.train.distributed != "fsdp" and chunked_chat_loss(bundle.model))
 
 
 def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None,

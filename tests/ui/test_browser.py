@@ -160,6 +160,7 @@ def state(browser) -> str:
     return browser.find_element(By.ID, "state").get_attribute("data-state")
 
 
+@pytest.mark.slow  # two cold `honed run` starts in a real browser: ~80 s
 def test_launch_from_the_form_stop_resume_finish(server, browser, tmp_path):
     """The form starts a real run; the page streams its progress; Stop interrupts it (SIGTERM,
     checkpoint); Resume finishes it; its badges are its metrics.json's."""
