@@ -19,6 +19,8 @@ import torch
 from helpers import build_tiny_bert, make_texts, write_recipe
 from reliability.harness import final_state
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes in every test
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # Stated tolerance: DDP's all-reduce sums the gradient halves in another order than one process
 # sums the whole batch; in fp32 without dropout that moves weights by float rounding only.

@@ -18,6 +18,8 @@ from chat_helpers import PROBLEMS, PRODUCTS, build_tiny_llama, build_tokenizer, 
 from reliability.harness import final_state
 from test_distributed import ENV, finish, kill_after_first_checkpoint, single, torchrun
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes in most tests
+
 # FSDP is asked for the way an Accelerate config does; the recipe keeps `train.distributed: auto`,
 # so the same run directory can be resumed in one process (where fsdp/ddp are refused)
 FSDP_ENV = {**ENV, "ACCELERATE_USE_FSDP": "true"}

@@ -85,12 +85,14 @@ def test_bias_guard_compares_groups(tmp_path, tiny_llama):
     assert bias["status"] == "warn" and "team=b" in bias["summary"]
 
 
+@pytest.mark.slow  # whole preference runs: 17-35 s
 def test_randomised_preference_is_not_learned_and_the_baseline_warns(tmp_path, tiny_llama):
     metrics = run(tmp_path, tiny_llama, {"randomise": True})
     assert metrics["test"]["preference_accuracy"] <= 0.75
     assert metrics["guards"]["baseline"]["status"] == "warn"
 
 
+@pytest.mark.slow  # whole preference runs: 17-35 s
 def test_length_guard_fires_when_the_chosen_reply_is_always_longer(tmp_path, tiny_llama):
     metrics = run(tmp_path, tiny_llama, {"longer_chosen": True}, **{"data.max_length": 128})  # no reply cut to a tie
     baseline = metrics["guards"]["baseline"]

@@ -64,6 +64,7 @@ def test_base_is_quantised_and_only_adapters_learn(tmp_path, tiny_llama, convers
     assert with_grad and with_grad == trainable and all("lora_" in n for n in with_grad)
 
 
+@pytest.mark.slow  # they share a 4-bit run: ~45 s
 def test_qlora_run_learns_and_exports_a_plain_model(qlora_run):
     run_dir, metrics = qlora_run
     assert metrics["run"]["method"] == "qlora" and metrics["run"]["steps"] == 24
@@ -78,6 +79,7 @@ def test_qlora_run_learns_and_exports_a_plain_model(qlora_run):
     assert adapter_config["base_model_name_or_path"] and adapter_config["r"] == 8
 
 
+@pytest.mark.slow  # they share a 4-bit run: ~45 s
 def test_merged_export_matches_the_adapter_on_the_quantised_base(qlora_run, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -119,6 +121,7 @@ def test_a_device_without_a_kernel_is_refused():
         check_bitsandbytes(torch.device("meta"))
 
 
+@pytest.mark.slow  # they share a 4-bit run: ~45 s
 def test_adapter_export_is_verified_on_the_quantised_base(qlora_run, tmp_path):
     from honed.exporting import export_run
 

@@ -39,6 +39,7 @@ def resume_recipe(recipe_factory):
     return recipe_factory(**{"train.epochs": 4, "train.eval_every": 4, "train.precision": "fp32"})
 
 
+@pytest.mark.slow  # a subprocess run killed and resumed: 45-100 s
 def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(resume_recipe, tmp_path):
     reference = tmp_path / "uninterrupted"
     done = honed("run", resume_recipe, "--out", reference)
@@ -61,6 +62,7 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(resume_
     assert steps == sorted(set(steps)), "history after resume has no gaps or repeats"
 
 
+@pytest.mark.slow  # a subprocess run killed and resumed: 45-100 s
 def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(resume_recipe, tmp_path):
     run_dir = tmp_path / "terminated"
     proc = honed("run", resume_recipe, "--out", run_dir, env={**ENV, "HONED_FAULT": "checkpoint-write:sleep=0.4"})
@@ -77,6 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(resume_recipe,
     assert (run_dir / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a subprocess run killed and resumed: 45-100 s
 def test_resume_refuses_a_changed_recipe(resume_recipe, tmp_path):
     run_dir = tmp_path / "changed"
     proc = honed("run", resume_recipe, "--out", run_dir, env={**ENV, "HONED_FAULT": "checkpoint-write:sleep=0.4"})

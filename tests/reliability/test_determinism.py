@@ -51,6 +51,7 @@ def test_same_seed_same_metrics_and_weights_bf16(runs):
     assert figures(a) == figures(b)
 
 
+@pytest.mark.slow  # two more whole runs: ~65 s
 def test_different_seed_different_weights(recipe, reference, tmp_path):
     other = honed.run(str(recipe), ["train.seed=1"], out=tmp_path / "seed1", show_progress=False)
     _, weights_0 = final_state(reference.path())
