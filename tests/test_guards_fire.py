@@ -130,7 +130,9 @@ def test_without_reference_drift_is_measured_on_validation_inputs(tmp_path, tiny
 
 def test_data_guard_runs_the_curve_and_warns_on_thin_classes(tmp_path, tiny_bert):
     data = csv(tmp_path, "d", make_texts(240, seed=9))
-    metrics = run(tmp_path, "curve", tiny_bert, data, method="head", **{"guards.data_curve": True, "guards.min_per_class": 500})
+    # guards.budget: null — the curve at its five configured fractions (tests/test_guard_budget.py checks the budget's cut)
+    metrics = run(tmp_path, "curve", tiny_bert, data, method="head",
+                  **{"guards.data_curve": True, "guards.min_per_class": 500, "guards.budget": None})
     guard = metrics["guards"]["data"]
     assert guard["status"] == "warn", guard
     assert set(guard["details"]["small_classes"]) == {"pos", "neg"}, guard["details"]
