@@ -147,15 +147,27 @@ class RssSampler(threading.Thread):
                 return
 
 
-async def client_loop(url: str, headers: dict, texts: list[str], requests: int, inputs: int, offset: int, labels: set,
-                      column: str, latencies: list, errors: list, stop_at: float) -> None:
+def one_connection(url: str, headers: dict, timeout: float):
+    """A client that keeps one keep-alive connection (each simulated user is one connection), ignoring proxies."""
     import httpx
 
-    async with httpx.AsyncClient(base_url=url, headers=headers, trust_env=False, timeout=60,
-                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as client:
+    return httpx.AsyncClient(base_url=url, headers=headers, trust_env=False, timeout=timeout,
+                             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+
+def past(stop_at: float, errors: list) -> bool:
+    """True (and noted in errors) once the run's --timeout has passed."""
+    if time.monotonic() > stop_at:
+        errors.append("stopped at --timeout")
+        return True
+    return False
+
+
+async def client_loop(url: str, headers: dict, texts: list[str], requests: int, inputs: int, offset: int, labels: set,
+                      column: str, latencies: list, errors: list, stop_at: float) -> None:
+    async with one_connection(url, headers, 60) as client:
         for i in range(requests):
-            if time.monotonic() > stop_at:
-                errors.append("stopped at --timeout")
+            if past(stop_at, errors):
                 return
             batch = [texts[(offset + i * inputs + k) % len(texts)] for k in range(inputs)]
             start = time.perf_counter()
@@ -191,13 +203,9 @@ STREAM_PROMPTS = ["My router will not turn on.", "My phone is very slow.", "My l
 async def stream_loop(url: str, headers: dict, model: str, requests: int, max_tokens: int, offset: int,
                       firsts: list, rates: list, errors: list, stop_at: float) -> None:
     """One client: `requests` streamed replies, one after another, on one keep-alive connection."""
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url, headers=headers, trust_env=False, timeout=120,
-                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as client:
+    async with one_connection(url, headers, 120) as client:
         for i in range(requests):
-            if time.monotonic() > stop_at:
-                errors.append("stopped at --timeout")
+            if past(stop_at, errors):
                 return
             body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
                     "messages": [{"role": "user", "content": STREAM_PROMPTS[(offset + i) % len(STREAM_PROMPTS)]}]}
