@@ -25,6 +25,7 @@ if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
 webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need selenium (pip install selenium)")
 pytest.importorskip("uvicorn")
 
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -69,7 +70,12 @@ def browser():
 
 
 def wait(driver, condition, timeout=60.0, what="condition"):
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d), message=f"timed out waiting for {what}")
+    """Poll `condition` until it holds. A page that reloads while it is being read (the run page does
+    when a run's state changes) leaves stale or missing elements for a moment: those polls count as
+    "not yet", not as failures."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(
+        lambda d: condition(d), message=f"timed out waiting for {what}")
 
 
 def screenshot(driver, path: Path, size: tuple[int, int]) -> Path:
