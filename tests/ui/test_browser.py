@@ -177,7 +177,7 @@ def test_launch_from_the_form_stop_resume_finish(server, browser, tmp_path):
     steps = epochs * math.ceil(rows / 32)
     fill_new_run(browser, base, "launched", epochs, eval_every=max(1, steps // 40))
     wait(browser, lambda d: d.current_url.endswith("/runs/launched"), what="the run page")
-    assert state(browser) == "running"
+    wait(browser, lambda d: state(d) == "running", timeout=30, what="the launched run to show as running")
     wait(browser, lambda d: d.find_element(By.ID, "evaluations").text.isdigit() and int(d.find_element(By.ID, "evaluations").text) >= 1,
          timeout=90, what="the first evaluation streamed")
     first = int(browser.find_element(By.ID, "evaluations").text)
