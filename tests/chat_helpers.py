@@ -59,6 +59,24 @@ def write_general(path: Path, n: int = 12) -> Path:
     return path
 
 
+def document(rng: random.Random, marker: str = "") -> str:
+    """A raw-text document for task causal-lm: 1 to 6 support notes (a problem and its fix) in a row."""
+    notes = []
+    for _ in range(rng.randint(1, 6)):
+        product, problem = rng.choice(PRODUCTS), rng.choice(list(PROBLEMS))
+        notes.append(f"My {product} {problem}. {PROBLEMS[problem]}")
+    return " ".join(notes) + (f" {marker}" if marker else "")
+
+
+def write_documents(folder: Path, n: int, seed: int, marker: str = "") -> Path:
+    """A folder of n .txt documents (one document per file); `marker` ends each (texts no cache has seen)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"doc{i:03d}.txt").write_text(document(rng, marker))
+    return folder
+
+
 def build_tokenizer(with_template: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

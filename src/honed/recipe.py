@@ -55,7 +55,8 @@ class DataSpec(Strict):
     chosen: str = "chosen"  # preference: the preferred reply (a string, an assistant message, or the whole conversation)
     rejected: str = "rejected"  # preference: the rejected reply, in the same form
     chat_template: str | None = None  # chat: a Jinja template (or a .jinja file) when the tokenizer has none
-    packing: bool = True  # chat: pack short conversations into sequences of max_length tokens
+    packing: bool = True  # chat: pack short conversations into sequences of max_length tokens; causal-lm: documents end to end
+    # causal-lm: when off, each document alone in rows of max_length tokens
     series: str = "series"  # forecasting: the column naming each series (long format: one row per series and time)
     time: str = "time"  # forecasting: the timestamp column
     target: str = "target"  # forecasting: the value to forecast
@@ -209,7 +210,8 @@ class TuneSpec(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat", "preference"] = "text-classification"
+    task: Literal["text-classification", "image-classification", "tabular-classification", "tabular-regression", "forecasting", "chat", "preference",
+                  "causal-lm"] = "text-classification"
     model: str | MLPSpec | SeriesModelSpec
     data: DataSpec
     method: Literal["full", "head", "freeze", "lora", "qlora", "lp-ft"] = "full"
@@ -236,8 +238,8 @@ class Recipe(Strict):
     @model_validator(mode="before")
     @classmethod
     def _chat_defaults_to_lora(cls, data):
-        """task: chat and preference fine-tune with LoRA unless the recipe names a method (the other tasks default to full)."""
-        if isinstance(data, dict) and data.get("task") in ("chat", "preference") and data.get("method") is None:
+        """task: chat, preference and causal-lm fine-tune with LoRA unless the recipe names a method (the other tasks default to full)."""
+        if isinstance(data, dict) and data.get("task") in ("chat", "preference", "causal-lm") and data.get("method") is None:
             data = {**data, "method": "lora"}
         return data
 

@@ -36,6 +36,7 @@ from .train.precision import resolve_precision
 
 TRAIN_EVAL_ROWS = 2000  # at most this many training rows are scored at each evaluation, for the train/validation gap
 SPLITS = ("train", "validation", "test")
+PACKED_TASKS = ("chat", "causal-lm")  # pack sequences (a block mask per row) and score them with chat's chunked loss
 
 
 @dataclass
@@ -186,8 +187,8 @@ def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str,
                 fsdp=t.distributed == "fsdp", offload=t.offload, grad_accumulation=t.grad_accumulation, family=bundle.family,
                 head_name=bundle.head_name or "", lora_r=recipe.lora.r, lora_targets=tuple(targets) if targets else None,
                 qlora_bits=recipe.qlora.bits, qlora_double_quant=recipe.qlora.double_quant, freeze_layers=recipe.freeze.layers,
-                eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task == "chat",
-                chunked_logits=recipe.task == "chat" and recipe.train.distributed != "fsdp" and chunked_chat_loss(bundle.model))
+                eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task in PACKED_TASKS,
+                chunked_logits=recipe.task in PACKED_TASKS and recipe.train.distributed != "fsdp" and chunked_chat_loss(bundle.model))
 
 
 def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None,

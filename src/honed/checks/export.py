@@ -96,8 +96,8 @@ def export_guard(session, model: torch.nn.Module, run_dir) -> dict:
             details["prediction_agreement"] = 1 - changed / max(1, n)
             if changed:
                 problems.append(f"the saved weights give {changed} of {n} different labels")
-    if reloaded.family == "causal-lm" and not differing_inputs:
-        prompts = _prompts(session.splits.validation)
+    prompts = _prompts(session.splits.validation) if reloaded.family == "causal-lm" else []
+    if prompts and not differing_inputs:  # raw text (task causal-lm) has no prompts: its outputs above are the check
         ours_text = generations(model, session.bundle.tokenizer, prompts, session.device)
         theirs_text = generations(reloaded.model, reloaded.tokenizer, prompts, session.device)
         details["greedy_agreement"] = sum(a == b for a, b in zip(ours_text, theirs_text)) / max(1, len(prompts))

@@ -1,5 +1,6 @@
 """Causal language models (family "causal-lm"): any checkpoint AutoModelForCausalLM loads, with
-its tokenizer and a chat template (the tokenizer's own, or `data.chat_template` from the recipe).
+its tokenizer and, for task chat, a chat template (the tokenizer's own, or `data.chat_template`
+from the recipe); task causal-lm trains on raw text and needs none.
 
 The bundle's "head" is `lm_head`; `labels` is empty. Saved in the save_pretrained layout
 (safetensors) with the tokenizer, whose chat template travels with it.
@@ -30,8 +31,9 @@ def _head_name(model: nn.Module) -> str:
     return "lm_head"
 
 
-def resolve_chat_template(tokenizer, template: str | None, base_dir: str | None, source: str) -> None:
-    """Set the recipe's template on the tokenizer (inline Jinja, or a path to a .jinja file); refuse a tokenizer without one."""
+def resolve_chat_template(tokenizer, template: str | None, base_dir: str | None, source: str, required: bool = True) -> None:
+    """Set the recipe's template on the tokenizer (inline Jinja, or a path to a .jinja file); with
+    `required`, refuse a tokenizer without one."""
     if template:
         path = Path(template).expanduser()
         if not path.is_absolute() and base_dir:
@@ -42,16 +44,19 @@ def resolve_chat_template(tokenizer, template: str | None, base_dir: str | None,
                 raise RecipeError(f"data.chat_template: {template} is neither a Jinja template nor an existing file")
             template = path.read_text(encoding="utf-8")
         tokenizer.chat_template = template
-    if not getattr(tokenizer, "chat_template", None):
+    if required and not getattr(tokenizer, "chat_template", None):
         raise RecipeError(f"model: the tokenizer of {source} has no chat template; set data.chat_template in the recipe "
                           "(a Jinja template, or the path to a .jinja file) to say how conversations are rendered")
 
 
-def load_causal_lm(source: str, recipe=None) -> ModelBundle:
-    """A Hugging Face causal LM by folder or Hub id, or an earlier honed chat run."""
+def load_causal_lm(source: str, recipe=None, chat: bool = True) -> ModelBundle:
+    """A Hugging Face causal LM by folder or Hub id, or an earlier honed chat or causal-lm run.
+    chat: the tokenizer must have a chat template (task chat); False for raw text (task causal-lm),
+    where `data.chat_template`, when given, is still set on the tokenizer and saved with it."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    task = recipe.task if recipe is not None else "chat"
     trust = bool(recipe and recipe.trust_remote_code)
     allow_pickle = bool(recipe and recipe.allow_pickle)
     local = Path(source)
@@ -60,10 +65,10 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
         if honed_dir is not None:
             meta = read_model_meta(honed_dir)
             if meta["family"] != FAMILY:
-                raise RecipeError(f"model: {source} is a {meta['family']} run; task chat needs a causal language model")
-            bundle = reload_causal_lm(honed_dir, meta)
+                raise RecipeError(f"model: {source} is a {meta['family']} run; task {task} needs a causal language model")
+            bundle = reload_causal_lm(honed_dir, meta, chat=False)
             if recipe is not None:
-                resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source)
+                resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source, required=chat)
             return bundle
     config = hf_config(source, recipe, "a causal language model")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -71,9 +76,10 @@ def load_causal_lm(source: str, recipe=None) -> ModelBundle:
     remote = trust and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise RecipeError(f"model: {source} is a '{config.model_type}' model, which cannot be loaded as a causal language model; "
-                          "task chat needs a decoder such as Llama, Qwen or GPT-2")
+                          f"task {task} needs a decoder such as Llama, Qwen or GPT-2")
     tokenizer = hf_tokenizer(source, trust)
-    resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source)
+    resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source,
+                          required=chat)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust,
                                                      use_safetensors=None if allow_pickle else True,
@@ -94,11 +100,15 @@ def _bundle(model, tokenizer, source: str) -> ModelBundle:
     return ModelBundle(FAMILY, model, encode, tokenizer.pad_token_id, _head_name(model), [], source, tokenizer)
 
 
-def reload_causal_lm(model_dir: Path, meta: dict) -> ModelBundle:
+def reload_causal_lm(model_dir: Path, meta: dict, chat: bool | None = None) -> ModelBundle:
+    """RUN_DIR/model of a chat, preference or causal-lm run. chat: whether the tokenizer must have a chat
+    template; by default, unless honed.json says a causal-lm run wrote it (raw text needs none)."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = reload_hf_dir(model_dir, AutoModelForCausalLM)
-    if not getattr(tokenizer, "chat_template", None):
+    if chat is None:
+        chat = meta.get("task") != "causal-lm"
+    if chat and not getattr(tokenizer, "chat_template", None):
         raise RecipeError(f"model: the tokenizer in {model_dir} has no chat template; was {model_dir / HONED_MODEL_FILE} written by a chat run?")
     return _bundle(model, tokenizer, str(model_dir))
 

@@ -5,6 +5,7 @@ branch in the run (docs/adding-a-task.md).
 """
 
 from .base import Task
+from .causal_lm.task import TASK as CAUSAL_LM
 from .chat.task import TASK as CHAT
 from .forecasting.task import TASK as FORECASTING
 from .image.task import TASK as IMAGE_CLASSIFICATION
@@ -21,4 +22,5 @@ TASKS: dict[str, Task] = {
     "forecasting": FORECASTING,
     "chat": CHAT,
     "preference": PREFERENCE,
+    "causal-lm": CAUSAL_LM,
 }
