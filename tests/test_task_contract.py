@@ -62,6 +62,11 @@ def predict_pairs(run_dir: Path, recipe: dict, tmp: Path) -> tuple[Path, int]:
     return path, 3
 
 
+def predict_documents(run_dir: Path, recipe: dict, tmp: Path) -> tuple[Path, int]:
+    folder = Path(recipe["data"]["train"])
+    return folder, len(list(folder.glob("*.txt")))
+
+
 VALID_TEXT = {"inputs": [{"text": "great service"}]}
 VALID_CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -74,6 +79,7 @@ CASES = {
     "forecasting": ("forecast_patchtst", predict_series, False, None, None),
     "chat": ("chat_lora", predict_conversations, False, VALID_CHAT, {"messages": "hello"}),
     "preference": ("preference_lora", predict_pairs, False, VALID_CHAT, {"messages": "hello"}),
+    "causal-lm": ("causal_lm_lora", predict_documents, False, None, None),  # predict scores each document alone, the run packed rows
 }
 
 

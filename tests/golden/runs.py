@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from chat_helpers import build_tiny_llama, write_conversations, write_general, write_preferences
+from chat_helpers import build_tiny_llama, write_conversations, write_documents, write_general, write_preferences
 from helpers import build_tiny_bert, build_tiny_vit, make_series, make_texts, stripes, topic_texts
 
 # --------------------------------------------------------------------------- shared builders
@@ -82,6 +82,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "conversations": lambda f: write_conversations(f / "train.jsonl", 60, 1),
     "general": lambda f: write_general(f / "general.csv"),
     "preferences": lambda f: write_preferences(f / "pairs.jsonl", 80, 2),
+    "documents": lambda f: write_documents(f / "docs", 40, 3),  # .txt files, one document each
 }
 
 # --------------------------------------------------------------------------- recipes
@@ -228,6 +229,14 @@ def preference_lora(tmp: Path) -> dict:
             "train": _train(epochs=3, lr=5e-3, batch_size=8, eval_every=3)}
 
 
+def causal_lm_lora(tmp: Path) -> dict:
+    """Continued pre-training with LoRA on a folder of .txt documents, forgetting on the shipped general English
+    (recorded from the code that added the task)."""
+    return {"task": "causal-lm", "model": str(shared("tiny_llama")), "method": "lora",
+            "data": {"train": str(shared("documents")), "max_length": 64},
+            "train": _train(epochs=3, lr=1e-2, batch_size=8, eval_every=4), "guards": {"baseline": False}}
+
+
 GOLDEN_RUNS: dict[str, Callable[[Path], dict]] = {
     "text_full": text_full,
     "text_lora": text_lora,
@@ -244,6 +253,7 @@ GOLDEN_RUNS: dict[str, Callable[[Path], dict]] = {
     "forecast_finetune": forecast_finetune,
     "chat_lora": chat_lora,
     "preference_lora": preference_lora,
+    "causal_lm_lora": causal_lm_lora,
 }
 
 
