@@ -126,3 +126,36 @@ def test_head_starts_from_the_linear_probe_when_it_is_better(text_csv, tmp_path)
     metrics = honed.run(str(recipe), show_progress=False).metrics
     # the same weights as the probe (up to float32 rounding): the same test predictions, within a row or two
     assert abs(metrics["test"]["accuracy"] - metrics["pretrained"]["accuracy"]) <= 0.02 and metrics["test"]["accuracy"] > 0.7
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora"])
+def test_method_contract_causal_lm(method, tmp_path):
+    """task: causal-lm × each of its methods on the tiny Llama and .txt documents: what trains is what the method says."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from chat_helpers import build_tiny_llama, write_documents
+    from honed.tasks import TASKS
+
+    assert TASKS["causal-lm"].methods == ("lora", "qlora", "full", "freeze")
+    model = build_tiny_llama(tmp_path / "llama")
+    docs = write_documents(tmp_path / "docs", 30, seed=5)
+    recipe = {"task": "causal-lm", "model": str(model), "method": method, "data": {"train": str(docs), "max_length": 64},
+              "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "seed": 0, "precision": "fp32", "threads": 1, "max_steps": 3,
+                        "eval_every": 3, "patience": None},
+              "guards": {"baseline": False}}
+    result = honed.run(recipe, out=tmp_path / "run", show_progress=False)
+    run_dir = result.run_dir
+    for name in RUN_FILES:
+        assert (run_dir / name).exists(), name
+    metrics = result.metrics
+    assert set(metrics["guards"]) == {"overfitting", "forgetting", "data", "bias", "baseline", "export"}
+    assert metrics["guards"]["export"]["status"] == "ok" and metrics["test"]["perplexity"] > 1
+    before, after = _weights(model), _weights(run_dir / "model")
+    assert not any("lora" in k for k in after), "LoRA adapters must be merged on export"
+    changed = {k for k in before if k in after and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])}
+    head = {k for k in after if k.startswith("lm_head.")}
+    embed = {k for k in after if "embed_tokens" in k}
+    layer0 = {k for k in after if ".layers.0." in k}
+    assert_trained_as_method(method, changed, head, embed, layer0, set())
+    if method in ("lora", "qlora"):
+        assert not changed & head, "lm_head stays out of LoRA"
