@@ -58,7 +58,7 @@ def trained(tmp_path_factory, tiny_llama):
     """One causal-lm run through the CLI on a folder of .txt documents (texts no earlier session cached)."""
     folder = tmp_path_factory.mktemp("causal-lm")
     docs = write_documents(folder / "docs", 40, seed=0, marker=f"Ticket {uuid.uuid4().hex[:8]}.")
-    recipe = causal_recipe(folder, tiny_llama, docs)
+    recipe = causal_recipe(folder, tiny_llama, docs, interpolate=[0.0, 1.0])
     assert run_cli(["run", recipe]) == 0
     return folder, recipe, docs, folder / "run"
 
@@ -199,6 +199,8 @@ def test_run_end_to_end(trained, tiny_llama, capsys):
     assert forgetting["reference"].startswith("general English shipped with honed") and forgetting["retention_source"] == "perplexity"
     assert forgetting["perplexity_before"] > 0 and forgetting["perplexity_after"] > 0 and 0 <= forgetting["cka"] <= 1
     assert forgetting["retention"] == pytest.approx(forgetting["perplexity_before"] / forgetting["perplexity_after"])
+    sweep = {row["alpha"]: row for row in forgetting["interpolation"]}
+    assert set(sweep) == {0.0, 1.0} and sweep[0.0]["retention"] == pytest.approx(1.0), "α = 0 is the pre-trained model"
     assert guards["bias"]["status"] == "skipped" and guards["export"]["status"] == "ok"
     assert guards["export"]["details"]["inputs_match"] and "greedy_agreement" not in guards["export"]["details"]
     assert guards["baseline"]["details"]["pretrained"] == metrics["pretrained"]["perplexity"]
@@ -243,10 +245,13 @@ def test_a_table_source_and_a_reference_file(tmp_path, tiny_llama, capsys):
     (tmp_path / "keep" / "a.txt").write_text("The river runs through the old town and past the market.")
     (tmp_path / "keep" / "b.txt").write_text("Bread is baked early in the morning before the shops open.")
     recipe = causal_recipe(tmp_path, tiny_llama, tmp_path / "notes.parquet", **{
-        "data.text": "body", "method": "full", "train.max_steps": 2, "reference": {"data": str(tmp_path / "keep")}})
+        "data.text": "body", "method": "full", "train.max_steps": 2, "reference": {"data": str(tmp_path / "keep")},
+        "guards.data_curve": True, "guards.curve_fractions": [0.3, 0.6, 1.0], "guards.budget": None})
     code, out, err = cli(["run", recipe], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    curve = metrics["guards"]["data"]["details"]
+    assert curve["fractions"] == [0.3, 0.6, 1.0] and len(curve["scores"]) == 3, "the learning curve runs over packed rows"
     assert metrics["guards"]["forgetting"]["details"]["reference"] == "keep"
     assert metrics["guards"]["forgetting"]["details"]["reference_documents"] == 2
 
@@ -321,3 +326,17 @@ def test_recipes_it_cannot_run(tmp_path, tiny_llama, capsys, changes, words):
     assert code == 2
     for w in words:
         assert w in err
+
+
+def test_a_causal_lm_run_is_where_chat_fine_tuning_starts(trained, tmp_path):
+    """`model: RUN_DIR` of a causal-lm run loads for task chat (its tokenizer kept the chat template it came with)."""
+    from chat_helpers import write_chat_recipe, write_conversations
+    from honed.models.causal_lm import load_causal_lm
+    from honed.recipe import load_recipe
+
+    run_dir = trained[3]
+    recipe = load_recipe(str(write_chat_recipe(tmp_path, run_dir, write_conversations(tmp_path / "c.jsonl", 20, 0))))
+    bundle = load_causal_lm(recipe.model, recipe)
+    assert bundle.family == "causal-lm" and bundle.tokenizer.chat_template
+    meta = json.loads((run_dir / "model" / "honed.json").read_text())
+    assert meta["task"] == "causal-lm" and meta["text_column"] == "text"

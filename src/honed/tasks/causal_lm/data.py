@@ -77,21 +77,22 @@ def _read_text_files(files: list[Path], field: str, given: str) -> pd.DataFrame:
     return pd.DataFrame({"text": [_decode_text(p, field) for p in files], "source": names})
 
 
-def _from_table(frame: pd.DataFrame, column: str, field: str, given: str) -> pd.DataFrame:
+def _from_table(frame: pd.DataFrame, column: str, column_key: str, given: str) -> pd.DataFrame:
     if column not in frame.columns:
-        field_name = "data.text" if field.startswith("data.") else field.split(".")[0] + ".text"
-        raise DataError(f"{field_name}: column '{column}' not found in {source_name(given)} "
+        raise DataError(f"{column_key}: column '{column}' not found in {source_name(given)} "
                         f"(columns: {', '.join(map(str, frame.columns[:30]))}); name the column that holds the text")
     texts = frame[column]
     return pd.DataFrame({"text": texts.where(texts.notna(), "").astype(str).to_numpy(), "source": source_name(given)})
 
 
-def read_documents(value, field: str, column: str, subset: str | None, split: str | None) -> pd.DataFrame:
-    """One source's documents as a frame with `text` and `source` (not yet filtered for empty ones)."""
+def read_documents(value, field: str, column: str, subset: str | None, split: str | None,
+                   column_key: str = "data.text") -> pd.DataFrame:
+    """One source's documents as a frame with `text` and `source` (not yet filtered for empty ones);
+    `field` and `column_key` name the recipe keys of the source and of its text column in errors."""
     files = text_files(value, field)
     if files is not None:
         return _read_text_files(files, field, str(value))
-    return _from_table(read_source(value, field, subset, split), column, field, str(value))
+    return _from_table(read_source(value, field, subset, split), column, column_key, str(value))
 
 
 def load_documents(value, field: str, column: str, subset: str | None, split: str | None, seed: int) -> Loaded:
@@ -137,7 +138,7 @@ def load_document_splits(recipe, seed: int) -> TextSplits:
 
 def load_reference_documents(spec) -> tuple[str, list[str]]:
     """The recipe's reference section (a table with a text column, or .txt files) as (name, documents)."""
-    frame = read_documents(spec.data, "reference.data", spec.text, None, None)
+    frame = read_documents(spec.data, "reference.data", spec.text, None, None, column_key="reference.text")
     texts = [t for t in frame["text"].tolist() if t.strip()]
     if not texts:
         raise DataError(f"reference.data: every document of {source_name(spec.data)} is empty; give reference text the model should keep")

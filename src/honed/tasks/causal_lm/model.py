@@ -317,7 +317,7 @@ def predict_documents(model_dir: Path, meta: dict, input_path: Path, batch_size:
     from ..base import saved_device_and_precision
     from .data import read_documents
 
-    frame = read_documents(str(input_path), "INPUT", meta.get("text_column") or "text", None, None)
+    frame = read_documents(str(input_path), "INPUT", meta.get("text_column") or "text", None, None, column_key="INPUT")
     frame = frame.loc[frame["text"].str.strip() != ""].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"INPUT: every document of {Path(input_path).name} is empty; give text to score")
