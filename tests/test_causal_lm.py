@@ -286,15 +286,19 @@ def test_all_documents_empty(tmp_path, tiny_llama, capsys):
     assert code == 3 and "every document" in err and "is empty (5 of them)" in err
 
 
-def test_some_empty_documents_are_dropped_and_counted(tmp_path, tiny_llama):
+def test_check_validates_and_counts_empty_documents(tmp_path, tiny_llama, capsys):
     from honed.session import prepare
 
     write_documents(tmp_path / "docs", 12, seed=1)
     (tmp_path / "docs" / "blank.txt").write_text("   ")
-    _, splits = prepare(str(causal_recipe(tmp_path, tiny_llama, tmp_path / "docs")))
+    recipe = causal_recipe(tmp_path, tiny_llama, tmp_path / "docs")
+    code, out, err = cli(["check", recipe], capsys)
+    assert code == 0, err
+    assert "recipe ok: task causal-lm" in out and "1 empty document(s) of docs were left out (blank.txt)" in " ".join(out.split())
+    _, splits = prepare(str(recipe))
     assert sum(len(s) for s in (splits.train, splits.validation, splits.test)) == 12
     note = next(n for n in splits.notes if n["code"] == "empty_documents")
-    assert note["level"] == "warn" and "1 empty document(s)" in note["message"] and "blank.txt" in note["message"]
+    assert note["level"] == "warn"
 
 
 def test_mixed_folder_bad_utf8_and_too_few_documents(tmp_path, tiny_llama, capsys):
@@ -340,3 +344,18 @@ def test_a_causal_lm_run_is_where_chat_fine_tuning_starts(trained, tmp_path):
     assert bundle.family == "causal-lm" and bundle.tokenizer.chat_template
     meta = json.loads((run_dir / "model" / "honed.json").read_text())
     assert meta["task"] == "causal-lm" and meta["text_column"] == "text"
+
+
+def test_a_tokenizer_without_eos_is_refused(tmp_path, tiny_llama, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(tiny_llama, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.eos_token = None
+    tok.save_pretrained(folder)
+    write_documents(tmp_path / "docs", 10, seed=2)
+    code, err = bad(tmp_path, folder, capsys, tmp_path / "docs")
+    assert code == 2 and "has no EOS token" in err and "ends every document with it" in err
