@@ -28,13 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data import tokens
+from ...data.batching import epoch_generator
 from ...errors import DataError, RecipeError
+from ...models.load import load_saved
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
 from ..chat.loss import last_hidden, scored_positions, split_model, token_scores
 from ..chat.model import IGNORE, PRIMARY, eval_rows
 from ..chat.model import loss as chat_loss
 from ..chat.model import metrics as chat_metrics
+from ..base import saved_device_and_precision
+from .data import read_documents
 
 DOCUMENT_CAP = 1 << 22  # tokens kept of one document (4 M; beyond it the document is cut, and counted)
 CONTINUATIONS = 3  # validation openings continued before/after in metrics.json
@@ -159,8 +163,6 @@ def collate(split: EncodedText, indices, pad_id: int) -> dict:
 
 def batches(split: EncodedText, batch_size: int, seed: int, pad_id: int) -> Batches:
     """Rows in a seeded random order per epoch, batch_size rows a batch (packed rows are all full but one)."""
-    from ...data.batching import epoch_generator
-
     def plan(epoch: int) -> list[list[int]]:
         perm = torch.randperm(len(split), generator=epoch_generator(seed, epoch)).tolist()
         return [perm[k : k + batch_size] for k in range(0, len(perm), batch_size)]
@@ -313,10 +315,6 @@ def write_predictions(path: Path, frame: pd.DataFrame, stats: torch.Tensor) -> N
 def predict_documents(model_dir: Path, meta: dict, input_path: Path, batch_size: int = 16) -> pd.DataFrame:
     """`honed predict` for a causal-lm run: the perplexity of each document of INPUT (a table with the
     run's text column, a .txt file, a folder or glob of them), each document alone in rows of max_length."""
-    from ...models.load import load_saved
-    from ..base import saved_device_and_precision
-    from .data import read_documents
-
     frame = read_documents(str(input_path), "INPUT", meta.get("text_column") or "text", None, None, column_key="INPUT")
     frame = frame.loc[frame["text"].str.strip() != ""].reset_index(drop=True)
     if frame.empty:
