@@ -15,7 +15,10 @@ auto's batch size, with the same patience: the grid's largest budget is auto's. 
 auto's validation metric, the grid's best and worst, auto's rank among the grid and itself, and
 auto ÷ best (the issue's target: at least 0.95, or for errors such as MASE at most 1.05), and whether auto's model collapsed to one class.
 
-    .venv/bin/python benchmarks/auto_panel.py [--cases digits_resnet,chat_lora] [--out DIR]
+    .venv/bin/python benchmarks/auto_panel.py [--cases digits_resnet,chat_lora] [--seeds 3] [--out DIR]
+
+With --seeds N every point (auto and each grid point) is the mean validation metric over train.seed 0 … N-1:
+on a small validation set the best of eight single-seed grid points is partly the luckiest seed's.
 """
 
 from __future__ import annotations
@@ -128,19 +131,27 @@ def run_case(recipe: dict, train: dict, out: Path) -> dict:
             "steps": result["run"]["steps"], "seconds": time.perf_counter() - started}
 
 
-def panel_row(name: str, root: Path) -> tuple[str, dict]:
-    """Auto, then the grid at auto's budget; the markdown row and the figures."""
+def run_seeds(recipe: dict, train: dict, out: Path, seeds: int) -> dict:
+    """run_case at train.seed 0 … seeds-1: the first run's figures, with `value` the mean over the seeds and `values` each."""
+    runs = [run_case(recipe, {**train, "seed": seed}, out if seed == 0 else out.with_name(f"{out.name}-seed{seed}"))
+            for seed in range(seeds)]
+    values = [r["value"] for r in runs]
+    return {**runs[0], "value": sum(values) / len(values), "values": values, "seconds": runs[0]["seconds"]}
+
+
+def panel_row(name: str, root: Path, seeds: int = 1) -> tuple[str, dict]:
+    """Auto, then the grid at auto's budget; the markdown row and the figures (each point the mean over `seeds` seeds)."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     recipe = case_recipe(name, folder)
-    auto = run_case(recipe, AUTO, folder / "auto")
+    auto = run_seeds(recipe, AUTO, folder / "auto", seeds)
     epochs = sorted({max(1, auto["epochs"] // 2), auto["epochs"]})
     grid = {}
     for lr in GRID:
         for ep in epochs:
             point = {"lr": lr, "epochs": ep, "batch_size": auto["batch_size"], "grad_accumulation": auto["grad_accumulation"],
                      "eval_every": "auto"}
-            grid[(lr, ep)] = run_case(recipe, point, folder / f"lr{lr:g}-ep{ep}")["value"]
+            grid[(lr, ep)] = run_seeds(recipe, point, folder / f"lr{lr:g}-ep{ep}", seeds)["value"]
     lower = auto["lower"]
     better = (lambda a, b: a < b) if lower else (lambda a, b: a > b)
     best_key = min(grid, key=grid.get) if lower else max(grid, key=grid.get)
@@ -159,6 +170,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--out", default=None, help="folder for the runs and panel.json (default: a temporary folder)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run auto and every grid point at train.seed 0 … N-1 and compare the means (default 1: seed 0 alone)")
     args = parser.parse_args(argv)
     from runs import use_shared_root
 
@@ -173,7 +186,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     figures = {}
     for name in names:
-        row, figures[name] = panel_row(name, root)
+        row, figures[name] = panel_row(name, root, args.seeds)
         print(row, flush=True)
         (root / "panel.json").write_text(json.dumps(figures, indent=1))
 

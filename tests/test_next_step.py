@@ -30,25 +30,27 @@ HISTORY_FLAT = [{"train_loss": 0.69}, {"train_loss": 0.69}, {"train_loss": 0.68}
 
 
 def test_a_collapse_after_the_loss_rose_lowers_the_rate_from_the_range_tests_curve():
-    step = next_step.suggest(recipe(lr=1e-3), "hf", ("full", "head", "lp-ft"), HISTORY_ROSE, guards(collapsed=True, tuned=0.5), RANGE)
+    step = next_step.suggest(recipe(lr=3e-3), "hf", ("full", "head", "lp-ft"), HISTORY_ROSE, guards(collapsed=True, tuned=0.5), RANGE)
     assert step["failure"] == "collapsed" and step["guard"] == "overfitting"
-    assert step["set"] == ["train.lr=0.00033"], "the minimum-loss rate 1e-2 ÷ 30"
-    assert "minimum-loss rate 0.01 ÷ 30" in step["sentence"] and "1.4 at the end" in step["sentence"]
+    assert step["set"] == ["train.lr=0.001"], "the minimum-loss rate 1e-2 ÷ 10"
+    assert "minimum-loss rate 0.01 ÷ 10" in step["sentence"] and "1.4 at the end" in step["sentence"]
 
 
 def test_a_run_whose_loss_never_fell_raises_the_rate():
     step = next_step.suggest(recipe(lr=1e-5), "hf", ("full",), HISTORY_FLAT, guards(tuned=0.5, probe=0.5), RANGE)
-    assert step["failure"] == "trivial" and step["set"] == ["train.lr=0.0033"], "the minimum-loss rate ÷ 3"
-    without = next_step.suggest(recipe(lr=1e-5), "causal-lm", ("full",), HISTORY_FLAT, guards(tuned=0.5, probe=0.5), None)
-    assert without["set"] == ["train.lr=3e-05"], "no range test (a table family): three times this run's rate"
+    assert step["failure"] == "trivial" and step["set"] == ["train.lr=0.0033"], "the minimum-loss rate 1e-2 ÷ 3"
+    without = next_step.suggest(recipe(lr=1e-5, method="lp-ft"), "hf", ("full", "lp-ft"), HISTORY_FLAT, guards(tuned=0.5, probe=0.5), None)
+    assert without["set"] == ["train.lr=3e-05"], "no range test (lp-ft keeps the table): three times this run's rate"
 
 
 def test_a_forecaster_no_better_than_seasonal_naive_gets_a_rate_step():
     naive = {"baseline": {"status": "warn", "summary": "B.", "details": {"fine_tuned": -1.03, "majority": None, "linear_probe": None,
                                                                           "seasonal_naive": {"mase": 0.79, "neg_mase": -0.79}}}}
-    step = next_step.suggest(recipe(lr=3e-3), "ts-forecast", ("full", "lora", "lp-ft"), HISTORY_ROSE, naive, None)
+    step = next_step.suggest(recipe(lr=3e-3), "ts-forecast", ("full", "lora", "lp-ft"), HISTORY_ROSE, naive, RANGE)
     assert step["failure"] == "trivial" and "MASE 1.030 does not beat seasonal naive's 0.790" in step["sentence"]
-    assert step["set"] == ["train.lr=0.001"], "the loss rose: this run's rate ÷ 3 (forecasters keep the table: no range test)"
+    assert step["set"] == ["train.lr=0.001"], "the loss rose: the range test's minimum-loss rate 1e-2 ÷ 10"
+    explicit = next_step.suggest(recipe(lr=3e-3), "ts-forecast", ("full", "lora", "lp-ft"), HISTORY_ROSE, naive, None)
+    assert explicit["set"] == ["train.lr=auto"], "an explicit rate on a forecaster: the range test measures one"
 
 
 def test_below_the_probe_tries_lp_ft_then_the_head():

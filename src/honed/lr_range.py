@@ -28,12 +28,13 @@ START_LR, END_LR = 1e-7, 1.0
 MAX_STEPS, MIN_STEPS = 100, 50  # a few dozen steps; a tenth of the run's own steps when that is more (the 10 % wall-time target)
 BETA = 0.8  # EMA of the loss: 50 steps cannot afford fastai's 0.98 (a lag of ~50 steps)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai, Lightning)
-MIN_DESCENT = 0.02  # a curve whose minimum is less than 2 % below its start never descended
-CAP = 10.0  # the chosen rate is at most the minimum-loss rate / 10
+MIN_DESCENT = 0.005  # a curve whose minimum is less than 0.5 % below its start never descended,
+NOISE_K = 3.0  # nor one whose descent is under 3 standard deviations of the smoothed loss's noise (docs/auto.md)
+CAP = 3.0  # at most the minimum-loss rate / 3: within ×2 of the largest rate that converges (Smith 2017 §3.3), which the test overstates (docs/auto.md)
 PRIOR_BELOW, PRIOR_ABOVE = 30.0, 100.0  # and within [table / 30, table × 100] (docs/auto.md)
-# task: chat and preference and the forecasters keep the table (docs/auto.md): not checked against a grid yet
-TABLE_TASKS = ("chat", "preference")
-TABLE_FAMILIES = ("causal-lm", "ts-forecast")
+# task: preference keeps the table (docs/auto.md): a DPO loss against a reference model, not checked against a grid
+TABLE_TASKS = ("preference",)
+TABLE_FAMILIES: tuple[str, ...] = ()
 TESTED_METHODS = ("full", "freeze", "lora", "head")  # lp-ft's second stage starts from a fitted head; qlora's model cannot be copied cheaply
 
 
@@ -68,16 +69,29 @@ def two_way(losses: list[float], beta: float = BETA) -> list[float]:
     return smooth(smooth(losses, beta)[::-1], beta)[::-1]
 
 
+def noise(losses: list[float], curve: list[float], beta: float = BETA) -> float:
+    """The standard deviation of the two-way smoothed loss that batch-to-batch noise alone would give: the raw
+    losses' spread about the smoothed curve (up to its minimum, before any divergence), times the two-way EMA's
+    gain on white noise, sqrt(sum h_k^2) for its kernel h_k = (1-b)^2 b^|k| / (1-b^2)."""
+    lowest = int(np.argmin(curve)) + 1
+    residual = np.asarray(losses[:lowest]) - np.asarray(curve[:lowest])
+    if len(residual) < 3:
+        return 0.0
+    gain = math.sqrt((1 - beta) ** 4 / (1 - beta ** 2) ** 2 * (1 + beta ** 2) / (1 - beta ** 2))
+    return float(np.std(residual) * gain)
+
+
 def choose(lrs: list[float], losses: list[float], prior: float, diverged: bool) -> tuple[float, str, list[float]]:
     """(rate, rule, smoothed curve): the steepest descent of the smoothed loss, at most the minimum-loss
-    rate / CAP, within [prior / PRIOR_BELOW, prior × PRIOR_ABOVE]; the prior itself for a flat curve.
+    rate / CAP, within [prior / PRIOR_BELOW, prior × PRIOR_ABOVE]; the prior itself for a flat curve (one whose
+    minimum is less than MIN_DESCENT of its start, or NOISE_K times noise(), below its start).
     Raises RecipeError when the loss rose at every rate tried."""
     finite = [x for x in losses if math.isfinite(x)]
     online = smooth(finite)
     # the diverging tail would leak backwards into the two-way curve: losses above the start are clipped to it
     start = float(np.median(finite[:5])) if finite else math.inf
     curve = two_way([min(x, start) for x in finite]) if finite else []
-    if not curve or min(curve) > curve[0] * (1 - MIN_DESCENT):
+    if not curve or curve[0] - min(curve) <= max(MIN_DESCENT * abs(curve[0]), NOISE_K * noise(finite, curve)):
         # rising from the first steps on (its minimum at the start) and diverging: no rate in the range trains it
         if len(finite) < 3 or (diverged and int(np.argmin(online)) <= 2):
             raise RecipeError(f"train.lr: auto: the learning-rate range test's loss rose at every rate from {lrs[0]:.0e} to "
@@ -88,7 +102,7 @@ def choose(lrs: list[float], losses: list[float], prior: float, diverged: bool) 
     slope = np.gradient(np.asarray(curve[:lowest + 1]), logs[:lowest + 1]) if lowest > 0 else np.zeros(1)
     steepest = lrs[int(np.argmin(slope))]
     cap = lrs[lowest] / CAP
-    chosen, rule = (steepest, "steepest descent") if steepest <= cap else (cap, "minimum-loss rate / 10")
+    chosen, rule = (steepest, "steepest descent") if steepest <= cap else (cap, f"minimum-loss rate / {CAP:g}")
     low, high = prior / PRIOR_BELOW, prior * PRIOR_ABOVE
     if chosen < low or chosen > high:
         chosen, rule = min(max(chosen, low), high), f"{rule}, bounded by the table's {prior:g} (÷{PRIOR_BELOW:g} … ×{PRIOR_ABOVE:g})"

@@ -17,8 +17,8 @@ from .lr_range import applies as range_test_applies
 DIVERGED_RISE = 1.5  # the training loss ended this many times above its lowest, or never came below this many times
 # the class prior's loss (a constant prediction of the class frequencies): the rate is too high
 STUCK = 0.9  # the lowest training loss stayed above 90 % of the starting loss: the rate is too low
-LOWER_FROM_MINIMUM = 30.0  # a lower rate: the range test's minimum-loss rate ÷ 30 (three times below auto's ÷ 10)
-RAISE_FROM_MINIMUM = 3.0  # a higher rate: the minimum-loss rate ÷ 3
+LOWER_FROM_MINIMUM = 10.0  # a lower rate: the range test's minimum-loss rate ÷ 10 (three times below auto's ÷ 3)
+RAISE_FROM_MINIMUM = 3.0  # a higher rate: the minimum-loss rate ÷ 3 (auto's cap; when auto already took it, this run's rate × 3)
 STEP = 3.0  # without a range test, a rate three times lower or higher
 FITTED_MARGIN = 0.05  # a training score this far above the majority class: the model fitted its training data
 TRIVIAL_MARGIN = 0.01  # as the baseline guard: within 0.01 of the majority class is no better than it
