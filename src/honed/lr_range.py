@@ -29,7 +29,7 @@ MAX_STEPS, MIN_STEPS = 100, 50  # a few dozen steps; a tenth of the run's own st
 BETA = 0.8  # EMA of the loss: 50 steps cannot afford fastai's 0.98 (a lag of ~50 steps)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai, Lightning)
 MIN_DESCENT = 0.005  # a curve whose minimum is less than 0.5 % below its start never descended,
-NOISE_K = 3.0  # nor one whose descent is under 3 standard deviations of the smoothed loss's noise (docs/auto.md)
+NOISE_K = 4.0  # nor one whose descent is under 4 standard deviations of the smoothed loss's noise (docs/auto.md)
 CAP = 3.0  # at most the minimum-loss rate / 3: within ×2 of the largest rate that converges (Smith 2017 §3.3), which the test overstates (docs/auto.md)
 PRIOR_BELOW, PRIOR_ABOVE = 30.0, 100.0  # and within [table / 30, table × 100] (docs/auto.md)
 # task: preference keeps the table (docs/auto.md): a DPO loss against a reference model, not checked against a grid
@@ -69,16 +69,17 @@ def two_way(losses: list[float], beta: float = BETA) -> list[float]:
     return smooth(smooth(losses, beta)[::-1], beta)[::-1]
 
 
-def noise(losses: list[float], curve: list[float], beta: float = BETA) -> float:
-    """The standard deviation of the two-way smoothed loss that batch-to-batch noise alone would give: the raw
-    losses' spread about the smoothed curve (up to its minimum, before any divergence), times the two-way EMA's
-    gain on white noise, sqrt(sum h_k^2) for its kernel h_k = (1-b)^2 b^|k| / (1-b^2)."""
-    lowest = int(np.argmin(curve)) + 1
-    residual = np.asarray(losses[:lowest]) - np.asarray(curve[:lowest])
-    if len(residual) < 3:
+def noise(losses: list[float], beta: float = BETA) -> float:
+    """The standard deviation of the two-way smoothed loss that batch-to-batch noise alone would give: the
+    losses' own step-to-step spread (the median absolute first difference, ÷ 0.6745·√2 for a standard deviation:
+    it ignores the trend and the few spikes of a diverging tail), times the two-way EMA's gain on white noise,
+    sqrt(sum h_k^2) for its kernel h_k = (1-b)^2 b^|k| / (1-b^2): 0.24 for b = 0.8."""
+    steps = np.diff(np.asarray(losses, dtype=float))
+    if len(steps) < 2:
         return 0.0
+    spread = float(np.median(np.abs(steps))) / (0.6745 * math.sqrt(2))
     gain = math.sqrt((1 - beta) ** 4 / (1 - beta ** 2) ** 2 * (1 + beta ** 2) / (1 - beta ** 2))
-    return float(np.std(residual) * gain)
+    return spread * gain
 
 
 def choose(lrs: list[float], losses: list[float], prior: float, diverged: bool) -> tuple[float, str, list[float]]:
@@ -87,13 +88,14 @@ def choose(lrs: list[float], losses: list[float], prior: float, diverged: bool) 
     minimum is less than MIN_DESCENT of its start, or NOISE_K times noise(), below its start).
     Raises RecipeError when the loss rose at every rate tried."""
     finite = [x for x in losses if math.isfinite(x)]
-    online = smooth(finite)
     # the diverging tail would leak backwards into the two-way curve: losses above the start are clipped to it
     start = float(np.median(finite[:5])) if finite else math.inf
-    curve = two_way([min(x, start) for x in finite]) if finite else []
-    if not curve or curve[0] - min(curve) <= max(MIN_DESCENT * abs(curve[0]), NOISE_K * noise(finite, curve)):
-        # rising from the first steps on (its minimum at the start) and diverging: no rate in the range trains it
-        if len(finite) < 3 or (diverged and int(np.argmin(online)) <= 2):
+    clipped = [min(x, start) for x in finite]
+    curve = two_way(clipped) if finite else []
+    if not curve or curve[0] - min(curve) <= max(MIN_DESCENT * abs(curve[0]), NOISE_K * noise(finite)):
+        # diverging with no loss after the first five below their median: no rate in the range trains it
+        # (the losses themselves, not an EMA's first steps: with few batches cycled the first may be the lowest)
+        if len(finite) < 3 or (diverged and (len(finite) <= 5 or min(finite[5:]) >= start)):
             raise RecipeError(f"train.lr: auto: the learning-rate range test's loss rose at every rate from {lrs[0]:.0e} to "
                               f"{lrs[len(losses) - 1]:.0e} (the model diverges); set an explicit train.lr, e.g. train.lr: {prior:.0e}")
         return prior, "flat curve: the table's rate", curve
