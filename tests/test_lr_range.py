@@ -194,8 +194,9 @@ def test_explicit_rates_and_untested_tasks_keep_the_table(recipe_factory):
     assert not lr_range.applies(recipe, bundle.family, recipe.train.lr == "auto")
     assert lr_range.applies(recipe, "causal-lm", True) and lr_range.applies(recipe, "ts-forecast", True), \
         "chat models and forecasters are tested (issue 19's panel)"
-    recipe.task = "preference"
-    assert not lr_range.applies(recipe, "causal-lm", True), "DPO keeps the table"
+    for task in ("preference", "causal-lm"):
+        recipe.task = task
+        assert not lr_range.applies(recipe, "causal-lm", True), f"{task} keeps the table (no panel case)"
     recipe.task = "text-classification"
     recipe.method = "lp-ft"
     assert not lr_range.applies(recipe, bundle.family, True)

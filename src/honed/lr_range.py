@@ -32,8 +32,9 @@ MIN_DESCENT = 0.005  # a curve whose minimum is less than 0.5 % below its start 
 NOISE_K = 4.0  # nor one whose descent is under 4 standard deviations of the smoothed loss's noise (docs/auto.md)
 CAP = 3.0  # at most the minimum-loss rate / 3: within ×2 of the largest rate that converges (Smith 2017 §3.3), which the test overstates (docs/auto.md)
 PRIOR_BELOW, PRIOR_ABOVE = 30.0, 100.0  # and within [table / 30, table × 100] (docs/auto.md)
-# task: preference keeps the table (docs/auto.md): a DPO loss against a reference model, not checked against a grid
-TABLE_TASKS = ("preference",)
+# task: preference keeps the table (docs/auto.md): a DPO loss against a reference model, not checked against a grid;
+# and causal-lm (continued pre-training), which issue 19's panel has no case for
+TABLE_TASKS = ("preference", "causal-lm")
 TABLE_FAMILIES: tuple[str, ...] = ()
 TESTED_METHODS = ("full", "freeze", "lora", "head")  # lp-ft's second stage starts from a fitted head; qlora's model cannot be copied cheaply
 
