@@ -173,12 +173,11 @@ class FineTuner:
             work.weight.copy_(head.weight * std.to(dev))
             bias = head.bias if head.bias is not None else torch.zeros(head.out_features, device=dev)
             work.bias.copy_(bias + head.weight @ mean.to(dev))
-        train_scaled = scale(train_x)
         val_scaled, val_y = scale(s.features["validation"]), s.encoded["validation"].labels
         if spec.target_scale is not None:  # the head predicts the standardised target; the model rescales it
             mu, sd = spec.target_scale(bundle)
             train_y, val_y = (train_y - mu) / sd, (val_y - mu) / sd
-        eval_x, eval_y = train_scaled[eval_pool], train_y[eval_pool]
+        eval_x, eval_y = scale(train_x[eval_pool]), train_y[eval_pool]
         squeeze = spec.target_scale is not None
 
         @torch.no_grad()
@@ -202,7 +201,8 @@ class FineTuner:
                 work.load_state_dict(kept)
         batch_size = max(t.batch_size, 64)
         batches = Batches(size=len(train_y), plan=shuffled_plan(len(train_y), batch_size, seed),
-                          collate=lambda idx: {"features": train_scaled[idx], "labels": train_y[idx]})
+                          # standardised batch by batch: a standardised copy of every training row would double the features' memory
+                          collate=lambda idx: {"features": scale(train_x[idx]), "labels": train_y[idx]})
         cfg = self._loop_config("head", t.head_epochs, t.head_lr, len(train_y), batch_size, group)
         cfg.precision = "fp32"
         cfg.patience = max(t.patience or 10, 10)
