@@ -3,7 +3,6 @@ dynamic padding, loss, evaluation, cached backbone features and the linear probe
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -201,15 +200,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x, val_y, tes
     scaler = StandardScaler().fit(train_x.numpy())
     xs = [scaler.transform(x.numpy()) for x in (train_x, val_x, test_x)]
     best = None
-    # C from the strongest regularisation up, each fit starting where the previous one ended (warm_start):
-    # the same optima to lbfgs's tolerance in about half the iterations (50,000 rows × 256 features: 15 s → 8 s)
-    clf = LogisticRegression(C=0.01, max_iter=500, random_state=seed, warm_start=True)
     for c in (0.01, 0.1, 1.0):
-        clf.C = c
+        clf = LogisticRegression(C=c, max_iter=500, random_state=seed)
         clf.fit(xs[0], train_y.numpy())
         score = accuracy_score(val_y.numpy(), clf.predict(xs[1]))
         if best is None or score > best[0]:
-            best = (score, c, copy.deepcopy(clf))
+            best = (score, c, clf)
     _, c, clf = best
     proba = clf.predict_proba(xs[2])
     logits = torch.tensor(np.log(np.clip(proba, 1e-12, 1.0)), dtype=torch.float32)
