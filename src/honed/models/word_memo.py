@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Callable
 
 import numpy as np
@@ -37,6 +38,8 @@ def memo_encoder(tokenizer) -> Callable[[list, int], tuple[np.ndarray, np.ndarra
         return None
     added = [t["content"] for t in state.get("added_tokens", []) if t.get("content")]
     memo: dict[str, np.ndarray] = {}  # word -> its ids, kept across batches (a split is tokenised in many)
+    # the tokenizer's truncation is state: a server's threads must not cut one call's words to another's max_length
+    lock = threading.Lock()
 
     def word_ids(words: list[str]) -> list[np.ndarray]:
         new = [w for w in words if w not in memo]
@@ -46,7 +49,7 @@ def memo_encoder(tokenizer) -> Callable[[list, int], tuple[np.ndarray, np.ndarra
                 memo[w] = np.asarray(e.ids, dtype=np.int32)
         return [memo[w] for w in words]
 
-    def encode_flat(texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    def unlocked(texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -82,6 +85,10 @@ def memo_encoder(tokenizer) -> Callable[[list, int], tuple[np.ndarray, np.ndarra
         for rows, ids, lens in pieces:
             out[spans(offsets[rows], lens)] = ids
         return out, offsets
+
+    def encode_flat(texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        with lock:
+            return unlocked(texts, max_length)
 
     return encode_flat
 
