@@ -1,6 +1,8 @@
 """The guards' budget (checks/budget.py) and their timing: every guard's seconds in metrics.json
 `timing.guards`, the CLI's last line with the wall time, and the learning curve and the scratch
-baseline kept within `guards.budget` of the fine-tune's steps, saying so in their details."""
+baseline kept within `guards.budget` of the fine-tune's steps, saying so in their details; a curve the
+budget would leave with fewer than MIN_CURVE_POINTS points skipped (not "ok"); and the seed spread on
+more than `guards.seed_rows` training rows retrained on one sample, saying so."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import pytest
 
 from helpers import cli
-from honed.checks.budget import MIN_CURVE_ROWS, GuardBudget, curve_fractions
+from honed.checks.budget import MIN_CURVE_POINTS, MIN_CURVE_ROWS, GuardBudget, curve_fractions, min_curve_points
 
 GUARDS = ("overfitting", "forgetting", "data", "bias", "baseline", "export")
 
@@ -103,3 +105,47 @@ def test_budget_too_small_skips_the_curve_and_says_why(tmp_path, tiny_bert):
     assert "fractions" not in data["details"] and data["details"]["budget"]["steps_allowed"] == int(0.1 * metrics["run"]["steps"])
     assert "learning curve was not run: guards.budget allows" in data["summary"]
     assert metrics["timing"]["guards"]["budget"]["steps_used"] == 0
+
+
+def test_the_floor_counts_the_points_a_cut_curve_keeps():
+    requested = [0.1, 0.2, 0.4, 0.7, 1.0]
+    assert MIN_CURVE_POINTS == 4 and min_curve_points(requested) == 4
+    assert min_curve_points([0.3, 0.6, 1.0]) == 3  # a recipe that asks for three points gets three
+    few, _ = curve_fractions(requested, 128, 4, 16)  # 16 fine-tune steps × the default 0.3: 4 steps
+    assert len(set(few)) == 3 < min_curve_points(requested)  # what a small run's default budget left before the floor
+    enough, _ = curve_fractions(requested, 128, 6, 16)
+    assert len(set(enough)) >= MIN_CURVE_POINTS
+
+
+def test_a_curve_cut_below_four_points_is_skipped_not_ok(tmp_path, tiny_bert):
+    """The default budget (0.3) on a small run (128 training rows, 16 steps) leaves the curve three points,
+    which its three parameters fit exactly: the guard says skipped, for lack of budget, instead of fitting them."""
+    import honed
+    from helpers import make_texts, write_recipe
+
+    train = tmp_path / "train.csv"
+    make_texts(160, seed=1).to_csv(train, index=False)
+    recipe = write_recipe(tmp_path, tiny_bert, train, **{"train.epochs": 2, "guards.data_curve": True, "guards.baseline": False})
+    metrics = honed.run(str(recipe), show_progress=False).metrics
+    data = metrics["guards"]["data"]
+    assert metrics["run"]["steps"] == 16 and data["details"]["budget"]["steps_allowed"] == 4
+    assert data["status"] == "skipped", data
+    assert data["details"]["budget"]["points"] == 3 and "fit" not in data["details"] and "fractions" not in data["details"]
+    assert "learning curve was not run" in data["summary"] and "3 of the 4 points a curve needs" in data["summary"]
+    assert metrics["timing"]["guards"]["budget"]["steps_used"] == 0  # nothing was trained for a curve that proves nothing
+
+
+def test_the_seed_spread_on_more_rows_than_seed_rows_trains_every_seed_on_one_sample(tmp_path, tiny_bert):
+    import honed
+    from helpers import make_texts, write_recipe
+
+    train = tmp_path / "train.csv"
+    make_texts(200, seed=3).to_csv(train, index=False)  # 160 training rows
+    recipe = write_recipe(tmp_path, tiny_bert, train, method="head", **{"train.epochs": 2, "train.seeds": [0, 1],
+                                                                         "guards.seed_rows": 60})
+    metrics = honed.run(str(recipe), show_progress=False).metrics
+    guard = metrics["guards"]["overfitting"]
+    note = guard["details"]["budget"]
+    assert note["of"] == 160 and 60 <= note["rows"] <= 62 and note["fraction"] == pytest.approx(note["rows"] / 160, abs=1e-4)
+    assert "guards.seed_rows" in guard["summary"] and "the run's own included" in guard["summary"]
+    assert set(map(str, guard["details"]["seeds"])) == {"0", "1"} and guard["details"]["spread"] is not None

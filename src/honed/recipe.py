@@ -180,6 +180,9 @@ class GuardsSpec(Strict):
     # the learning curve's and the scratch baseline's training together, at most this share of the
     # fine-tune's optimizer steps (checks/budget.py); null: no limit
     budget: float | None = Field(0.3, gt=0)
+    # the seed spread (train.seeds) on a training split larger than this: every seed, the run's own included,
+    # retrained on one seeded sample of this many rows (checks/seeds.py); null: every seed on every row
+    seed_rows: int | None = Field(50_000, ge=1)
 
 
 class ReplaySpec(Strict):

@@ -18,6 +18,7 @@ from . import next_step, track
 from .checks.budget import GuardBudget, GuardClock, note_budget
 from .checks.curve import data_guard, learning_curve
 from .checks.export import export_guard
+from .checks.seeds import seed_spread
 from .errors import RecipeError, TrainingInterrupted
 from .fileio import write_json_atomic
 from .finetune import FineTuner, needs_pristine_again
@@ -35,7 +36,7 @@ from .session import Session, load_data, prepare, prepare_recipe, setup
 from .train import distributed
 from .train.checkpoint import Checkpointer, StateOnDisk
 from .train.precision import set_threads
-from .train.progress import TrainingProgress, quiet, say
+from .train.progress import TrainingProgress, say
 
 
 @dataclass
@@ -272,17 +273,6 @@ def write_model(session: Session, model, run_dir: Path, test_outputs) -> None:
     save_model(session.bundle, model, run_dir / "model", meta)
     session.task.write_predictions(run_dir / "predictions.csv", session, test_outputs)
     model.to(session.device)
-
-
-def seed_spread(session: Session, tuner: FineTuner, seed: int, test_metrics: dict, show_progress: bool) -> dict:
-    """The test metric of the run's seed and of each extra seed in train.seeds (small data is unstable)."""
-    primary = session.task.primary
-    seeds = {seed: test_metrics[primary]}
-    for extra_seed in (session.recipe.train.seeds or [])[1:]:
-        say(show_progress, f"seed {extra_seed}: fine-tuning again for the seed spread")
-        other, _, _ = tuner.fine_tune(extra_seed, progress=quiet())
-        seeds[extra_seed] = session.evaluate(other, "test")[primary]
-    return seeds
 
 
 def assemble_metrics(session: Session, model, trained: Trained, before: dict, test_outputs, test_metrics: dict,

@@ -34,9 +34,11 @@ def scratch_model(session, tuner, train_seconds: float, show_progress: bool):
     if budget is not None:
         budget.spend(steps)
         if allowed is not None and allowed < budget.fine_tune_steps:
+            share = steps / max(1, budget.fine_tune_steps)
             budget.notes["baseline"] = {"steps_allowed": allowed, "steps": steps, "fine_tune_steps": budget.fine_tune_steps,
+                                        "fraction": round(share, 4),
                                         "note": f"the from-scratch model trained for {steps} steps against the fine-tune's "
-                                                f"{budget.fine_tune_steps} (guards.budget), so it is a lower bound of what random init reaches"}
+                                                f"{budget.fine_tune_steps} ({share:.0%}, guards.budget), so it is a lower bound of what random init reaches"}
     return trained
 
 

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 
 CURVE_SHARE = 2 / 3  # of the budget, for the curve when the scratch baseline will also train
 MIN_CURVE_ROWS = 8  # a curve point trains on at least this many rows
+# points (the full-data one included) the budget must leave the curve: err(n) = a·n^(-b) + c has three
+# parameters, so three points fit it exactly whatever the data, and the backtest (fit all but the largest,
+# predict it) needs a fourth; below this the curve is skipped for lack of budget rather than fitted
+MIN_CURVE_POINTS = 4
 
 
 @dataclass
@@ -48,6 +52,11 @@ class GuardBudget:
         self.used += int(steps)
 
 
+def min_curve_points(requested: list[float]) -> int:
+    """The fewest points the budget may leave the curve: MIN_CURVE_POINTS, or all the recipe asked for when it asked for fewer."""
+    return min(MIN_CURVE_POINTS, len(set(requested)))
+
+
 def curve_fractions(requested: list[float], n_train: int, steps_allowed: int | None, fine_tune_steps: int) -> tuple[list[float], dict | None]:
     """The curve's fractions within `steps_allowed`: each fraction f < 1 trains for about f × the
     fine-tune's steps, so when their sum is over the allowance they are all scaled by the same factor
@@ -65,8 +74,11 @@ def curve_fractions(requested: list[float], n_train: int, steps_allowed: int | N
     while scaled and sum(math.ceil(round(f * fine_tune_steps, 6)) for f in scaled) > steps_allowed:
         scaled.pop()  # the floor (or a step's rounding up) went over: drop the largest
     out = scaled + [f for f in requested if f >= 1.0]
+    largest = max(scaled, default=0.0)
     return out, {"steps_allowed": steps_allowed, "requested_fractions": list(requested), "scaled_by": round(scale, 4),
-                 "note": f"the learning curve's fractions were scaled by {scale:.2f} to stay within guards.budget"}
+                 "largest_fraction": largest,
+                 "note": f"the learning curve's fractions were scaled by {scale:.2f} to stay within guards.budget "
+                         f"({steps_allowed} training steps): its largest partial fit saw {largest:.1%} of the {n_train} training rows"}
 
 
 class GuardClock:

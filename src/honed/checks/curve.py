@@ -4,7 +4,7 @@ training set (design.md §4 "Data sufficiency")."""
 from __future__ import annotations
 
 from ..guards import data_curve
-from .budget import curve_fractions, memory_refusal
+from .budget import curve_fractions, memory_refusal, min_curve_points
 from ..recipe import main_seed
 from ..train.progress import quiet
 from ..train.progress import say
@@ -47,22 +47,33 @@ def data_guard(session, tuner, history: list[dict], show_progress: bool) -> dict
     if budget is not None:
         allowed = budget.allot("data", others_to_come=recipe.guards.baseline is not False)
         fractions, note = curve_fractions(fractions, len(session.encoded["train"]), allowed, budget.fine_tune_steps)
-    if note is not None and sum(f < 1.0 for f in fractions) < 2:
-        note["note"] = (f"the learning curve was not run: guards.budget allows {note['steps_allowed']} training steps, "
-                        "too few for two fractions of the data; raise guards.budget or set it to null")
+    points = len(set(fractions))
+    if note is not None and points < min_curve_points(recipe.guards.curve_fractions):
+        note["points"] = points
+        needed = min_curve_points(recipe.guards.curve_fractions)
+        note["note"] = (f"the learning curve was not run: guards.budget allows {note['steps_allowed']} training steps, enough for "
+                        f"{points} of the {needed} points a curve needs (with fewer its three parameters fit any data exactly); "
+                        "raise guards.budget or set it to null")
         budget.notes["data"] = note
-        guard = data_curve.data_guard({}, counts, recipe.guards.min_per_class)
-        guard["summary"] += f" ({note['note']})"
-        return guard
+        return curve_not_run(counts, recipe.guards.min_per_class, note["note"])
     refusal = memory_refusal(session, recipe.method, "the learning curve")
     if refusal is not None:  # before any fraction's model is built
         if budget is not None:
             budget.notes["data"] = {"note": refusal}
-        guard = data_curve.data_guard({}, counts, recipe.guards.min_per_class)
-        guard["summary"] += f" ({refusal})"
-        return guard
+        return curve_not_run(counts, recipe.guards.min_per_class, refusal)
     if note is not None:
         budget.notes["data"] = note
     details = learning_curve(session, tuner, show_progress, full_score=best, fractions=fractions,
                              on_steps=budget.spend if budget is not None else None)
     return data_curve.data_guard(details, counts, recipe.guards.min_per_class)
+
+
+def curve_not_run(counts, min_per_class: int, reason: str) -> dict:
+    """The data guard when the learning curve was asked for and not run: the classes are still judged
+    (a warning stands), and otherwise the guard is "skipped", not "ok": nothing measured the data's sufficiency."""
+    guard = data_curve.data_guard({}, counts, min_per_class)
+    guard["summary"] += f" ({reason})"
+    if guard["status"] == "ok":
+        guard["status"] = "skipped"
+    guard["details"]["curve_skipped"] = reason
+    return guard

@@ -3,6 +3,7 @@ few tensor copies and a subset with one concatenation. Text classification and c
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -28,3 +29,13 @@ def take(offsets: torch.Tensor, lengths: torch.Tensor, idx, *flats: torch.Tensor
     sub_lengths = lengths[idx]
     out = [torch.cat([flat[a:b] for a, b in bounds]) if bounds else torch.zeros(0, dtype=flat.dtype) for flat in flats]
     return (offsets_of(sub_lengths), sub_lengths, *out)
+
+
+def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions starts[i] .. starts[i] + lengths[i] - 1 for every i, concatenated (a ragged gather's index)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths) + np.arange(total, dtype=np.int64)

@@ -18,7 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-CACHE_VERSION = "1"  # part of every fingerprint: bump it when what the cached columns mean changes
+from .ragged import spans as ragged_spans
+
+CACHE_VERSION = "2"  # part of every fingerprint: bump it when what the cached columns mean changes
 MAP_BATCH = 10_000  # texts per map batch: large enough that the Rust tokenizer's own threads stay busy
 PARALLEL_FROM_ROWS = 200_000  # below this, starting worker processes costs more than it saves
 SETTINGS = re.compile(r'"(truncation|padding)":(null|\{(?:[^{}]|\{[^{}]*\})*\}),?')
@@ -48,12 +50,31 @@ def tokenizer_key(tokenizer, family: str) -> str:
     return family + Hasher.hash(tokenizer)
 
 
-def fingerprint(texts: list[str], key: str, max_length: int) -> str:
+def as_column(texts):
+    """`texts` (a list, a pandas column, an Arrow array) as one Arrow large_string array, missing texts
+    as "": the map's input, and what the fingerprint hashes, without a Python string per row when the
+    texts are Arrow-backed already."""
+    import pyarrow as pa
+
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if not isinstance(texts, pa.Array):
+        texts = pa.array(texts) if hasattr(texts, "__arrow_array__") else pa.array(list(texts), type=pa.large_string())
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    return texts.cast(pa.large_string()).fill_null("")
+
+
+def fingerprint(texts, key: str, max_length: int) -> str:
+    """A hash of the texts' bytes (the Arrow column's offsets and characters), the tokenizer and max_length."""
+    column = as_column(texts)
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{CACHE_VERSION}|{key}|{max_length}|{len(texts)}|".encode())
-    for start in range(0, len(texts), 100_000):  # in chunks: one joined string of a million texts is a large copy
-        h.update("\x00".join(texts[start : start + 100_000]).encode("utf-8", "surrogatepass"))
-        h.update(b"\x01")
+    h.update(f"{CACHE_VERSION}|{key}|{max_length}|{len(column)}|".encode())
+    _, offsets_buffer, data = column.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[column.offset : column.offset + len(column) + 1]
+    h.update((offsets - offsets[0]).tobytes())  # where each text ends: ["ab", "c"] is not ["a", "bc"]
+    if data is not None and len(offsets):
+        h.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
     return h.hexdigest()
 
 
@@ -76,12 +97,18 @@ def free_cores() -> int:
     return max(1, int(cores - load))
 
 
-def tokenise(texts: list[str], encode: Callable[[list[str], int], list[list[int]]], key: str, max_length: int,
-             pad_id: int) -> Tokenised:
-    """Token ids of `texts`, cut to max_length (and counted), an empty text becoming one pad token."""
+def tokenise(texts, encode: Callable[[list[str], int], list[list[int]]], key: str, max_length: int,
+             pad_id: int, encode_flat: Callable | None = None) -> Tokenised:
+    """Token ids of `texts` (a list, a pandas column or an Arrow array), cut to max_length (and counted),
+    an empty text becoming one pad token.
+
+    encode_flat (the bundle's column-wise encoder, when its tokenizer has one) gets each map batch
+    as an Arrow column and returns flat ids with offsets: no Python list per row on either side."""
+    import pyarrow as pa
     from datasets import Dataset, Features, List, Value, disable_progress_bars
 
     disable_progress_bars()  # honed prints its own phase lines
+    texts = as_column(texts)
     fp = fingerprint(texts, key, max_length)
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,12 +120,29 @@ def tokenise(texts: list[str], encode: Callable[[list[str], int], list[list[int]
         calls.append(len(ids))
         return {"ids": [x[:max_length] if x else [pad_id] for x in ids], "cut": [len(x) > max_length for x in ids]}
 
-    workers = min(4, free_cores()) if len(texts) >= PARALLEL_FROM_ROWS else 1
+    def flat_fn(table):
+        values, offsets = encode_flat(table.column("text"), max_length + 1)
+        calls.append(len(offsets) - 1)
+        lengths = offsets[1:] - offsets[:-1]
+        keep = np.minimum(lengths, max_length)
+        empty = keep == 0
+        kept_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(np.maximum(keep, 1), out=kept_offsets[1:])
+        out = np.full(int(kept_offsets[-1]), pad_id, dtype=np.int32)  # an empty text keeps one pad token
+        out[ragged_spans(kept_offsets[:-1][~empty], keep[~empty])] = values[ragged_spans(offsets[:-1][~empty], keep[~empty])]
+        ids = pa.ListArray.from_arrays(pa.array(kept_offsets.astype(np.int32)), pa.array(out))
+        return pa.table({"ids": ids, "cut": pa.array(lengths > max_length)})
+
+    # the column-wise encoder tokenises each distinct word once: worker processes would only repeat that
+    workers = min(4, free_cores()) if len(texts) >= PARALLEL_FROM_ROWS and encode_flat is None else 1
     dataset = Dataset.from_dict({"text": texts})
-    out = dataset.map(batch_fn, batched=True, batch_size=MAP_BATCH, remove_columns=["text"],
+    if encode_flat is not None:
+        dataset = dataset.with_format("arrow")
+    out = dataset.map(flat_fn if encode_flat is not None else batch_fn, batched=True, batch_size=MAP_BATCH, remove_columns=["text"],
                       features=Features({"ids": List(Value("int32")), "cut": Value("bool")}),
                       cache_file_name=str(folder / f"{fp}.arrow"), load_from_cache_file=True, new_fingerprint=fp,
                       num_proc=workers if workers > 1 else None)
+    out = out.with_format(None)
     column = out.data.column("ids").combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64)

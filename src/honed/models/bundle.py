@@ -38,6 +38,9 @@ class ModelBundle:
     tokenizer: object = None
     original_head: tuple | None = None  # (module, labels) of the source model's own task, when replaced
     preprocessor: object = None  # tabular models: the fitted feature preprocessing
+    # the same ids as `encode`, as (ids, offsets) numpy arrays, for tokenizers that can do large splits
+    # column-wise (models/word_memo.py); None: data/tokens.py calls `encode`
+    encode_flat: Callable | None = None
 
     def head(self) -> nn.Linear:
         return self.model.get_submodule(self.head_name)

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..fileio import write_safetensors_atomic
 from .bundle import HONED_MODEL_FILE, ModelBundle, clip_texts
+from .word_memo import memo_encoder
 
 FAMILY = "wordllama"
 
@@ -42,15 +43,17 @@ def pooled_features(model: WordLlamaClassifier, flat: torch.Tensor, offsets: tor
     one embedding_bag call per chunk of rows, no padding, no per-batch Python. The same numbers as
     forward() up to the order of the additions."""
     weight = model.embedding.weight
-    out, start, n = [], 0, len(offsets) - 1
+    n = len(offsets) - 1
+    out = torch.empty(n, weight.shape[1], dtype=torch.float32)  # filled chunk by chunk: no list of chunks and a second copy
+    start = 0
     while start < n:
         end = int(torch.searchsorted(offsets, offsets[start] + POOL_TOKENS, right=True)) - 1
         end = min(n, max(end, start + 1))
         a, b = int(offsets[start]), int(offsets[end])
         ids = flat[a:b].to(weight.device)
-        out.append(torch.nn.functional.embedding_bag(ids, weight, (offsets[start:end] - a).to(weight.device), mode="mean").float().cpu())
+        out[start:end] = torch.nn.functional.embedding_bag(ids, weight, (offsets[start:end] - a).to(weight.device), mode="mean").float().cpu()
         start = end
-    return torch.cat(out) if out else torch.zeros(0, weight.shape[1])
+    return out
 
 
 def wordllama_files() -> tuple[Path, Path]:
@@ -75,7 +78,7 @@ def _wordllama_encoder(tokenizer_path: Path):
         return [e.ids for e in tokenizer.encode_batch(clip_texts(texts, max_length))]
 
     pad = tokenizer.token_to_id("</s>")
-    return tokenizer, encode, (pad if pad is not None else 0)
+    return tokenizer, encode, (pad if pad is not None else 0), memo_encoder(tokenizer)
 
 
 def load_wordllama(labels: list[str], recipe=None) -> ModelBundle:
@@ -84,8 +87,8 @@ def load_wordllama(labels: list[str], recipe=None) -> ModelBundle:
     model = WordLlamaClassifier(embedding.shape[0], embedding.shape[1], len(labels))
     with torch.no_grad():
         model.embedding.weight.copy_(embedding)
-    tokenizer, encode, pad = _wordllama_encoder(tokenizer_path)
-    return ModelBundle(FAMILY, model, encode, pad, "classifier", labels, "wordllama", tokenizer)
+    tokenizer, encode, pad, encode_flat = _wordllama_encoder(tokenizer_path)
+    return ModelBundle(FAMILY, model, encode, pad, "classifier", labels, "wordllama", tokenizer, encode_flat=encode_flat)
 
 
 def save_wordllama(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
@@ -104,8 +107,8 @@ def reload_wordllama(model_dir: Path, meta: dict) -> ModelBundle:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RecipeError(f"model: {model_dir}/model.safetensors does not match {HONED_MODEL_FILE} ({str(exc).splitlines()[0]})") from None
-    tokenizer, encode, pad = _wordllama_encoder(model_dir / "tokenizer.json")
-    return ModelBundle(FAMILY, model, encode, pad, "classifier", meta["labels"], str(model_dir), tokenizer)
+    tokenizer, encode, pad, encode_flat = _wordllama_encoder(model_dir / "tokenizer.json")
+    return ModelBundle(FAMILY, model, encode, pad, "classifier", meta["labels"], str(model_dir), tokenizer, encode_flat=encode_flat)
 
 
 def scratch_wordllama(model: nn.Module) -> nn.Module:

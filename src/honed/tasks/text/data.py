@@ -47,19 +47,22 @@ def _where(mask: pd.Series, path: str) -> str:
 
 
 def _check_labels_are_classes(values: pd.Series, path: str, column: str) -> None:
-    text = values.astype(str).str.strip()
-    numeric = pd.to_numeric(text, errors="coerce")
-    if not (numeric.notna() | text.str.lower().isin(NON_FINITE)).all():
+    # judged on the distinct values (a handful of classes, however many rows); rows are located only for an error
+    distinct = pd.Series(pd.unique(values.astype(str).str.strip()))
+    numeric = pd.to_numeric(distinct, errors="coerce")
+    if not (numeric.notna() | distinct.str.lower().isin(NON_FINITE)).all():
         return  # class names, not numbers
     finite = numeric.map(math.isfinite)  # NaN → False
     if not finite.all():
-        examples = ", ".join(sorted(set(text[~finite]))[:3])
+        text = values.astype(str).str.strip()
+        bad = text.isin(set(distinct[~finite]))
+        examples = ", ".join(sorted(set(distinct[~finite]))[:3])
         raise DataError(
-            f"data.label: column '{column}' in {_name(path)} has {int((~finite).sum())} NaN/inf value(s) ({examples}; "
-            f"{_where(~finite, path)}); expected class labels; fix or remove those rows"
+            f"data.label: column '{column}' in {_name(path)} has {int(bad.sum())} NaN/inf value(s) ({examples}; "
+            f"{_where(bad, path)}); expected class labels; fix or remove those rows"
         )
     if not (numeric == numeric.round()).all():
-        example = text[numeric != numeric.round()].iloc[0]
+        example = values.astype(str).str.strip()[values.astype(str).str.strip().isin(set(distinct[numeric != numeric.round()]))].iloc[0]
         raise DataError(
             f"data.label: column '{column}' in {_name(path)} holds fractional numbers (e.g. {example}); "
             "text-classification needs class labels; for a numeric target use a regression task"
@@ -91,7 +94,8 @@ def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: l
     kept = frame.loc[~no_text]
     if len(kept) == 0:
         raise DataError(f"data.text: every row of {_name(path)} has an empty '{spec.text}' column")
-    out = pd.DataFrame({"text": kept[spec.text].astype(str).to_numpy(), "label": kept[spec.label].map(label_to_str).to_numpy()})
+    names = {value: label_to_str(value) for value in pd.unique(kept[spec.label])}  # per distinct label, not per row
+    out = pd.DataFrame({"text": kept[spec.text].astype(str).to_numpy(), "label": kept[spec.label].map(names).to_numpy()})
     for column in spec.groups:
         out[column] = kept[column].fillna("(missing)").astype(str).to_numpy()
     return out
@@ -183,18 +187,16 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     if majority_share > 0.9:
         findings.append({"level": "warn", "code": "imbalanced", "message": f"the largest class is {majority_share:.0%} of training rows; accuracy will look high even for a useless model"})
 
-    dup_mask = splits.train.duplicated(subset=["text"], keep="first")
-    conflicting = splits.train.groupby("text")["label"].nunique()
-    conflicting = int((conflicting > 1).sum())
-    if dup_mask.any():
-        findings.append({"level": "warn" if dup_mask.mean() > 0.05 else "info", "code": "duplicates",
-                         "message": f"{int(dup_mask.sum())} training row(s) repeat an earlier text exactly"
+    duplicates, conflicting = duplicate_texts(splits.train)
+    if duplicates:
+        findings.append({"level": "warn" if duplicates / len(splits.train) > 0.05 else "info", "code": "duplicates",
+                         "message": f"{duplicates} training row(s) repeat an earlier text exactly"
                          + (f"; {conflicting} text(s) appear with different labels" if conflicting else "")})
 
-    train_texts = set(splits.train["text"])
+    train_texts = text_column(splits.train)
     leakage = {}
     for name in ("validation", "test"):
-        shared = int(frames[name]["text"].isin(train_texts).sum())
+        shared = shared_texts(text_column(frames[name]), train_texts)
         leakage[name] = shared
         if shared:
             findings.append({"level": "warn", "code": "leakage",
@@ -209,9 +211,40 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
         "findings": findings,
         "splits": summary,
         "sources": {n["split"]: n["sources"] for n in splits.notes if n.get("code") == "sources"},
-        "duplicates_in_train": int(dup_mask.sum()),
+        "duplicates_in_train": duplicates,
         "conflicting_labels": conflicting,
         "leakage": leakage,
         "truncated": truncated or {},
         "majority_share": majority_share,
     }
+
+
+# --------------------------------------------------------------------------- column-wise checks (Arrow hash tables, no Python set of a million texts)
+
+def text_column(frame: pd.DataFrame):
+    """The frame's `text` column as an Arrow array (zero-copy for pandas' Arrow-backed strings)."""
+    import pyarrow as pa
+
+    return pa.array(frame["text"].array, type=pa.large_string())
+
+
+def duplicate_texts(frame: pd.DataFrame) -> tuple[int, int]:
+    """(rows that repeat an earlier text, texts that occur with more than one label)."""
+    import numpy as np
+
+    texts = text_column(frame).dictionary_encode()
+    text_ids = texts.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    duplicates = len(text_ids) - len(texts.dictionary)
+    if not duplicates:
+        return 0, 0
+    label_ids, labels = pd.factorize(frame["label"])
+    pairs = np.unique(text_ids * max(1, len(labels)) + label_ids)  # each distinct (text, label) once
+    per_text = np.bincount(pairs // max(1, len(labels)), minlength=len(texts.dictionary))
+    return int(duplicates), int((per_text > 1).sum())
+
+
+def shared_texts(texts, train_texts) -> int:
+    """How many of `texts` also occur in `train_texts`."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.is_in(texts, value_set=train_texts)).as_py() or 0)

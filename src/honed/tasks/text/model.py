@@ -35,11 +35,12 @@ class EncodedSplit:
         return len(self.lengths)
 
 
-def encode(bundle: ModelBundle, texts: list[str], labels: list[str] | None, max_length: int) -> EncodedSplit:
+def encode(bundle: ModelBundle, texts, labels: list[str] | None, max_length: int) -> EncodedSplit:
     """Tokenise once (and, through the cache, once across runs); texts longer than max_length are
     cut and counted (never silently)."""
-    texts = list(texts)
-    done = tokens.tokenise(texts, bundle.encode, tokens.tokenizer_key(bundle.tokenizer, bundle.family), max_length, bundle.pad_id)
+    texts = tokens.as_column(texts)  # Arrow-backed pandas columns pass without a Python string per row
+    done = tokens.tokenise(texts, bundle.encode, tokens.tokenizer_key(bundle.tokenizer, bundle.family), max_length, bundle.pad_id,
+                           getattr(bundle, "encode_flat", None))
     if labels is not None:
         index = {label: i for i, label in enumerate(bundle.labels)}
         y = torch.tensor([index[label] for label in labels], dtype=torch.long)

@@ -39,7 +39,7 @@ def audit(recipe, splits, bundle=None, encoded=None) -> dict:
 
 
 def encode(bundle, frame, labels, recipe):
-    return model.encode(bundle, frame["text"].tolist(), frame["label"].tolist() if "label" in frame else None, recipe.data.max_length)
+    return model.encode(bundle, frame["text"].array, frame["label"].tolist() if "label" in frame else None, recipe.data.max_length)
 
 
 def encode_reference(recipe, bundle, frame, spec):
