@@ -5,6 +5,8 @@ on the quantised base computes; the adapter loads with peft; bad recipes are ref
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +132,27 @@ def test_adapter_export_is_verified_on_the_quantised_base(qlora_run, tmp_path):
     assert report["loaded_with"] == "PeftModel.from_pretrained on the 4-bit base"
     assert report["max_abs_diff"] <= report["tolerance"] * report["scale"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's mappings in /proc/self/maps")
+def test_quantised_load_keeps_no_mapping_of_the_checkpoint(tmp_path, conversations):
+    """The fp32 file is read tensor by tensor, not mapped: none of its pages stays in the process after the
+    load (from_pretrained's mapped load kept the head, embeddings and norms as views of it), and the weights
+    are those of transformers' own quantised load."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from honed.models.causal_lm import load_causal_lm
+    from honed.recipe import load_recipe
+
+    model_dir = build_tiny_llama(tmp_path / "llama")
+    recipe = load_recipe(str(write_chat_recipe(tmp_path, model_dir, conversations, method="qlora")))
+    model = load_causal_lm(str(model_dir), recipe).model
+    files = [str(p.resolve()) for p in model_dir.glob("*.safetensors")]
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if any(f in line for f in files)]
+    assert files and not mapped, mapped[:3]
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.name_or_path == str(model_dir)  # a PEFT adapter names its base by it
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import RecipeError
 from .bundle import HONED_MODEL_FILE, ModelBundle, read_model_meta, run_model_dir
 from .hf import hf_config, hf_tokenizer, quiet_transformers, reload_hf_dir
-from .quantise import attention_kwargs, is_quantised, load_settings
+from .quantise import attention_kwargs, is_quantised, load_settings, pretrained
 
 FAMILY = "causal-lm"
 
@@ -81,9 +81,8 @@ def load_causal_lm(source: str, recipe=None, chat: bool = True) -> ModelBundle:
     resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source,
                           required=chat)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust,
-                                                     use_safetensors=None if allow_pickle else True,
-                                                     **attention_kwargs(recipe), **load_settings(recipe))
+        model = pretrained(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING, source, config, load_settings(recipe),
+                           trust_remote_code=trust, use_safetensors=None if allow_pickle else True, **attention_kwargs(recipe))
     except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise RecipeError(f"model: {source} could not be loaded as a causal language model ({str(exc).splitlines()[0][:240]})") from None
     if not is_quantised(model):

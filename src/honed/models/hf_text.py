@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import RecipeError
 from .bundle import ModelBundle, clip_texts, find_head_name
 from .hf import hf_config, hf_tokenizer, reload_hf_dir
-from .quantise import CLASSIFIER_HEADS, attention_kwargs, is_quantised, load_settings
+from .quantise import CLASSIFIER_HEADS, attention_kwargs, is_quantised, load_settings, pretrained
 
 FAMILY = "hf"
 
@@ -45,10 +45,12 @@ def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, trust_remote_code=trust, use_safetensors=None if allow_pickle else True,
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+        model, info = pretrained(
+            AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, source, config,
+            load_settings(recipe, skip=CLASSIFIER_HEADS), trust_remote_code=trust, use_safetensors=None if allow_pickle else True,
             ignore_mismatched_sizes=True, output_loading_info=True, **attention_kwargs(recipe),
-            **load_settings(recipe, skip=CLASSIFIER_HEADS),
         )
     except ValueError as exc:
         first = str(exc).splitlines()[0][:240]
