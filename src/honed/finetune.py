@@ -123,7 +123,9 @@ class FineTuner:
         return LoopConfig(stage=stage, epochs=epochs, lr=lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                           grad_clip=t.grad_clip, grad_accumulation=t.grad_accumulation, eval_every=eval_every,
                           patience=t.patience, precision=s.precision, primary=s.task.primary, tie_break=s.task.tie_break,
-                          device=s.device, group=group, memory_first=t.gradient_checkpointing is True,
+                          device=s.device, group=group,
+                          # checkpointing and FSDP are memory chosen over speed: freed buffers go back at once
+                          memory_first=t.gradient_checkpointing is True or (group is not None and group.engine == "fsdp"),
                           max_steps=t.max_steps if stage == "model" else None)
 
     def _train_model(self, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval, group, hooks,

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import HonedError, TrainingInterrupted
 from ..hooks import Hooks
 from . import distributed
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, return_freed_memory
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .engines import Replicas
 from .precision import fit_threads
@@ -46,7 +46,7 @@ class LoopConfig:
     checkpoint_evaluations: bool = True  # False: only the end-of-stage state is saved (cheap stages)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: distributed.Group | None = None  # the processes sharing each batch (torchrun / accelerate launch)
-    memory_first: bool = False  # gradient checkpointing is on: return freed memory at once rather than keep it for speed
+    memory_first: bool = False  # gradient checkpointing or FSDP: return freed memory at once rather than keep it for speed
 
 
 @dataclass
@@ -254,6 +254,8 @@ def train(
                 best = None
         del tensors
 
+    if cfg.memory_first:  # before sharding: the full tensors it frees and the collectives' buffers go back to the system
+        return_freed_memory(cfg.device)
     engine = (Sharded if sharded else Replicas)(model, loss_fn, regulariser, cfg.precision, cfg.device, group)
     work = engine.module  # what trains and evaluates: the model itself, or its sharded twin
     optimizer = make_optimizer(work, cfg)
