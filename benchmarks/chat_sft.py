@@ -20,6 +20,10 @@ second of training, the peak RSS while training (the kernel's high-water mark, r
 starts, so loading and tokenising do not count, and read when it ends; the model is resident in both),
 the final validation loss (the mean over the validation conversations' assistant tokens) and the
 ratios to TRL's faster setting.
+
+With `--profile`, each contestant instead trains 1 + `--profile-steps` optimizer steps under
+torch.profiler (the first step is its warm-up and is not recorded) and the parent prints both
+`key_averages()` tables, sorted by self CPU time, and the ops that allocated the most memory.
 """
 
 from __future__ import annotations
@@ -90,14 +94,60 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the RSS now
 
 
+def vm_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps 2 .. 1 + `steps` (step 1 warms up); step() ends each step."""
+
+    def __init__(self, steps: int):
+        import torch
+
+        self.tables: dict[str, str] = {}
+        self.profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+            schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1), on_trace_ready=self.ready)
+        self.started = False
+
+    def ready(self, prof) -> None:
+        averages = prof.key_averages()
+        self.tables["time"] = averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=48)
+        self.tables["memory"] = averages.table(sort_by="self_cpu_memory_usage", row_limit=10, max_name_column_width=48)
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.profiler.start()
+
+    def step(self) -> None:
+        self.profiler.step()
+
+    def stop(self) -> dict[str, str]:
+        if self.started:
+            self.profiler.stop()
+        return self.tables
+
+
 def run_honed(folder: Path, args) -> dict:
     import honed
     from honed.hooks import Hooks
 
-    seen = {"peak": 0.0}
+    seen = {"peak": 0.0, "rss_at_start": 0.0}
+    profiler = StepProfiler(args.profile_steps) if args.profile else None
 
     def on_train_start(stage):
         reset_peak()
+        seen["rss_at_start"] = vm_rss_mb()
+        if profiler is not None:
+            profiler.start()
+
+    def on_step(step):
+        if profiler is not None:
+            profiler.step()
 
     def on_collate():  # the high-water mark so far: every earlier step's forward and backward
         seen["peak"] = max(seen["peak"], vm_hwm_mb())
@@ -108,22 +158,24 @@ def run_honed(folder: Path, args) -> dict:
               "lora": {"r": R, "alpha": ALPHA, "dropout": DROPOUT, "target_modules": TARGETS},
               "train": {"epochs": EPOCHS, "batch_size": args.batch_size, "lr": LR[args.method], "precision": "fp32",
                         "eval_every": 100_000, "patience": None, "warmup_ratio": 0.0, "weight_decay": WEIGHT_DECAY,
-                        "grad_clip": GRAD_CLIP, "gradient_checkpointing": False, "threads": "auto"},
+                        "grad_clip": GRAD_CLIP, "gradient_checkpointing": False, "threads": "auto",
+                        "max_steps": 1 + args.profile_steps if args.profile else None},
               "guards": {"baseline": False}}
     started = time.perf_counter()
     result = honed.run(recipe, out=folder / "honed-run", overwrite=True, show_progress=False,
-                       hooks=Hooks(on_train_start=on_train_start, on_collate=on_collate))
+                       hooks=Hooks(on_train_start=on_train_start, on_collate=on_collate, on_step=on_step))
     m = result.metrics
     seen["peak"] = max(seen["peak"], vm_hwm_mb()) if seen["peak"] == 0 else seen["peak"]
     return {"train_seconds": m["timing"]["train_seconds"], "wall_seconds": time.perf_counter() - started,
             "val_loss": m["validation"]["loss"], "train_peak_mb": seen["peak"], "steps": m["run"]["steps"],
-            "guards_seconds": m["timing"].get("guards", {})}
+            "rss_at_start_mb": seen["rss_at_start"], "process_peak_mb": vm_hwm_mb() if profiler is None else None,
+            "guards_seconds": m["timing"].get("guards", {}), "profile": profiler.stop() if profiler is not None else None}
 
 
 def run_trl(folder: Path, args, packing: bool) -> dict:
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
@@ -137,19 +189,31 @@ def run_trl(folder: Path, args, packing: bool) -> dict:
                        weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP, optim="adamw_torch_fused", max_length=args.max_length,
                        assistant_only_loss=True, eval_packing=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
                        report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0, data_seed=0,
-                       **extra)
+                       max_steps=1 + args.profile_steps if args.profile else -1, **extra)
     peft_config = (LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, task_type="CAUSAL_LM")
                    if args.method == "lora" else None)
+    profiler = StepProfiler(args.profile_steps) if args.profile else None
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if profiler is not None:
+                profiler.step()
+
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[Steps()])
     reset_peak()
+    rss_at_start = vm_rss_mb()
+    if profiler is not None:
+        profiler.start()
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
     peak = vm_hwm_mb()
+    tables = profiler.stop() if profiler is not None else None
     evaluation = trainer.evaluate()
     return {"train_seconds": seconds, "train_runtime": output.metrics["train_runtime"], "val_loss": evaluation["eval_loss"],
-            "train_peak_mb": peak, "steps": output.global_step}
+            "train_peak_mb": peak, "steps": output.global_step, "rss_at_start_mb": rss_at_start,
+            "process_peak_mb": vm_hwm_mb(), "profile": tables}
 
 
 def child(name: str, folder: Path, args) -> None:
@@ -169,6 +233,9 @@ def main() -> None:
     parser.add_argument("--keep", help="build the model and data here and reuse them")
     parser.add_argument("--no-record", action="store_true", help="do not append a row to RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the RESULTS.md row")
+    parser.add_argument("--profile", action="store_true",
+                        help="train each contestant 1 + --profile-steps steps under torch.profiler and print its tables (no RESULTS.md row)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="recorded optimizer steps with --profile (after one warm-up step)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--grouped-batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -200,7 +267,8 @@ def main() -> None:
     results = {}
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--max-length", str(args.max_length),
-               "--batch-size", str(args.batch_size), "--method", args.method, "--grouped-batch", str(args.grouped_batch)]
+               "--batch-size", str(args.batch_size), "--method", args.method, "--grouped-batch", str(args.grouped_batch),
+               "--profile-steps", str(args.profile_steps)] + (["--profile"] if args.profile else [])
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
@@ -209,8 +277,16 @@ def main() -> None:
             continue
         r = results[name] = json.loads(line[len("RESULT "):])
         r["tokens_per_s"] = tokens / r["train_seconds"]
+        tables = r.pop("profile", None)
+        if tables:
+            print(f"\n## {name}: {args.profile_steps} steps after one warm-up, sorted by self CPU time\n\n{tables['time']}\n"
+                  f"## {name}: the ops that allocated the most memory\n\n{tables['memory']}", flush=True)
+            continue
         print(f"{name:<12} {r['tokens_per_s']:8.1f} tokens/s  {r['train_seconds']:7.1f} s train  {r['steps']:4d} steps  "
-              f"peak {r['train_peak_mb']:7.0f} MB  val loss {r['val_loss']:.4f}", flush=True)
+              f"peak {r['train_peak_mb']:7.0f} MB (at start {r['rss_at_start_mb']:.0f}, process {r['process_peak_mb'] or 0:.0f})  "
+              f"val loss {r['val_loss']:.4f}", flush=True)
+    if args.profile:
+        return
     trl = [n for n in ("trl-packing", "trl-grouped") if n in results]
     if "honed" not in results or not trl:
         return

@@ -13,6 +13,7 @@ from typing import Callable
 class Hooks:
     on_train_start: Callable[[str], None] | None = None  # (stage) a training stage starts (before its optimizer is built)
     on_collate: Callable[[], None] | None = None  # a training batch is about to be collated
+    on_step: Callable[[int], None] | None = None  # (step) an optimizer step was taken, before any evaluation at it
     on_threads: Callable[[int], None] | None = None  # the intra-op thread count a step trains with
     on_evaluated: Callable[[float, dict], None] | None = None  # (time.perf_counter() when the evaluation began, its metrics)
     on_features: Callable[[int, float], None] | None = None  # (rows, seconds) of each pass computing the head's input features

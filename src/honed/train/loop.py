@@ -384,6 +384,8 @@ def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 s["step"] += 1
+                if hooks.on_step is not None:
+                    hooks.on_step(s["step"])
                 last = s["step"] >= total
                 if progress is not None:
                     progress.step(s["step"], s["loss_sum"] / max(1, s["loss_count"]))
