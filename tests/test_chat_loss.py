@@ -140,3 +140,28 @@ def test_a_transformed_head_takes_the_plain_path():
     model = tiny_llama(False)
     model.config.final_logit_softcapping = 30.0
     assert chat_loss.split_model(model) is None
+
+
+def test_the_flattened_batch_drops_padding_and_attends_per_conversation():
+    """attention.py: the real tokens end to end, one segment per conversation; the same loss and gradients as
+    the masked rows (the eager kernel, which takes transformers' block mask), and SDPA restored afterwards."""
+    from honed.tasks.chat import attention
+
+    batch = packed_batch()
+    batch["row_tokens"] = torch.tensor([20, 14])  # row 1: 6 tokens of padding
+    flat, segments = attention.flatten(batch)
+    assert flat["input_ids"].shape == (1, 34) and segments == [(0, 12), (12, 20), (20, 34)]
+    assert torch.equal(flat["input_ids"][0, 20:], batch["input_ids"][1, :14])
+    sdpa = tiny_llama(False).train()
+    eager = tiny_llama(False).train()
+    eager.config._attn_implementation = "eager"
+    assert attention.supports(sdpa) and not attention.supports(eager)
+    got, got_grads = grads(sdpa, chat_model.loss, batch)
+    want, want_grads = grads(eager, chat_model.loss, batch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got, want)
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4), name
+    assert sdpa.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="honed_segments"), attention.segmented(sdpa):
+        sdpa(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False)
+    assert sdpa.config._attn_implementation == "sdpa"

@@ -43,8 +43,10 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
-def last_hidden(decoder: nn.Module, batch: dict) -> torch.Tensor:
-    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False)
+def last_hidden(decoder: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+    """The decoder's last hidden states of the batch's rows (no mask: positions restart per conversation);
+    kwargs go to the decoder and from it to its attention layers (attention.py's honed_segments)."""
+    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

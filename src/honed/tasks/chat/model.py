@@ -30,6 +30,7 @@ from ...errors import DataError, RecipeError
 from ...models.load import ModelBundle, load_saved, run_model_dir
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
+from .attention import flatten, segmented, supports
 from .data import pack_rows, validate_messages
 from .loss import last_hidden, scored_positions, split_model, summed_nll, token_scores
 
@@ -165,6 +166,7 @@ def collate(split: EncodedChat, indices, pad_id: int, packing: bool | None = Non
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    row_tokens = torch.zeros(len(rows), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -176,10 +178,11 @@ def collate(split: EncodedChat, indices, pad_id: int, packing: bool | None = Non
             t[0] = IGNORE  # never predicted from the previous conversation
             targets[r, at : at + n] = t
             at += n
+        row_tokens[r] = at
         if at < width:  # padding continues the last conversation's positions (it is never attended to by real tokens)
             start = int(position_ids[r, at - 1]) + 1 if at else 0
             position_ids[r, at:] = torch.arange(start, start + width - at)
-    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets, "row_tokens": row_tokens}
 
 
 def batches(split: EncodedChat, batch_size: int, seed: int, pad_id: int, group_by_length: bool) -> Batches:
@@ -222,9 +225,22 @@ def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         nll, scored = _token_nll(_forward(model, batch).logits, batch["targets"])
         return (nll * scored).sum() / scored.sum().clamp(min=1)
     decoder, head = parts
-    scored, targets = scored_positions(batch["targets"], IGNORE)
-    hidden = last_hidden(decoder, batch)[:, :-1][scored]
+    hidden, scored, targets = scored_hidden(model, decoder, batch)
     return summed_nll(hidden, head, targets) / scored.sum().clamp(min=1)
+
+
+def scored_hidden(model: nn.Module, decoder: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the scored positions [N, H], the scored mask over the layout the decoder
+    ran on ([rows, width - 1]) and the N targets. Where the model allows it (attention.py) the batch runs flattened,
+    one conversation per attention call, without its padding; otherwise as masked rows."""
+    if supports(model):
+        flat, segments = flatten(batch)
+        scored, targets = scored_positions(flat["targets"], IGNORE)
+        with segmented(model):
+            hidden = last_hidden(decoder, flat, honed_segments=segments)
+        return hidden[:, :-1][scored], scored, targets
+    scored, targets = scored_positions(batch["targets"], IGNORE)
+    return last_hidden(decoder, batch)[:, :-1][scored], scored, targets
 
 
 EVAL_LOGITS_BYTES = 512 * 1024 * 1024  # an evaluation batch's logits and their log-softmax stay within this
