@@ -64,12 +64,18 @@ def register() -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether the model attends with SDPA through transformers' attention interface, every layer with full causal
-    attention (a sliding window, or layers of other kinds, would need their own masks: those take the masked rows)."""
+    attention (a sliding window, or layers of other kinds, would need their own masks: those take the masked rows),
+    and without gradient checkpointing (its recomputation in backward runs outside segmented())."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "is_encoder_decoder", False):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(type(base), "_supports_attention_backend", False):
+        return False
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if checkpointing:  # the backward pass re-runs the layers outside segmented(): they must not need it
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) is not False:
         return False
