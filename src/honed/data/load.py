@@ -38,7 +38,9 @@ def _check_file(path: Path, field: str) -> None:
         raise DataError(f"{field}: {path} is empty (0 bytes); expected a header row and data rows")
 
 
-def _decode(path: Path, field: str) -> str:
+def decode_text(path: Path, field: str) -> str:
+    """A text file's contents as UTF-8 (a byte-order mark dropped, line endings normalised to \\n);
+    an unreadable or non-UTF-8 file is a DataError naming `field`, the file and the first bad byte."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -70,9 +72,9 @@ def read_table(path: str | Path, field: str = "data.train") -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise DataError(f"{field}: {path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     elif kind == "jsonl":
-        frame = _read_jsonl(_decode(path, field), path, field)
+        frame = _read_jsonl(decode_text(path, field), path, field)
     else:
-        frame = _read_delimited(_decode(path, field), path, field, sep="\t" if kind == "tsv" else ",")
+        frame = _read_delimited(decode_text(path, field), path, field, sep="\t" if kind == "tsv" else ",")
     if len(frame.columns) == 0:
         raise DataError(f"{field}: {path} has no columns; expected a header row")
     if len(frame) == 0:

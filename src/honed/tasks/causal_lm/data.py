@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ...data.load import decode_text
 from ...data.sources import HUB_PREFIX, GLOB_CHARS, Loaded, mix, read_source, source_name, sources_note
 from ...errors import DataError
 from ..chat.data import carve_missing
@@ -21,18 +22,6 @@ from ..text.data import TextSplits
 
 TEXT_SUFFIXES = (".txt",)
 TABLE_LIKE = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
-
-
-def _decode_text(path: Path, field: str) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{field}: {path} is not readable ({exc.strerror or exc}); check its permissions") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark from an editor is not part of the document
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{field}: {path} is not UTF-8 (invalid byte 0x{raw[exc.start]:02x} at byte {exc.start}); re-save it as UTF-8") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def text_files(value: str, field: str) -> list[Path] | None:
@@ -74,7 +63,7 @@ def text_files(value: str, field: str) -> list[Path] | None:
 def _read_text_files(files: list[Path], field: str, given: str) -> pd.DataFrame:
     root = Path(given) if Path(given).is_dir() else None
     names = [str(p.relative_to(root)) if root is not None else p.name for p in files]
-    return pd.DataFrame({"text": [_decode_text(p, field) for p in files], "source": names})
+    return pd.DataFrame({"text": [decode_text(p, field) for p in files], "source": names})
 
 
 def _from_table(frame: pd.DataFrame, column: str, column_key: str, given: str) -> pd.DataFrame:

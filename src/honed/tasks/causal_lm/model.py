@@ -34,7 +34,7 @@ from ...models.load import load_saved
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
 from ..chat.loss import last_hidden, scored_positions, split_model, token_scores
-from ..chat.model import IGNORE, PRIMARY, eval_rows
+from ..chat.model import IGNORE, PRIMARY, eval_rows, greedy_continuations
 from ..chat.model import loss as chat_loss
 from ..chat.model import metrics as chat_metrics
 from ..base import saved_device_and_precision
@@ -258,30 +258,9 @@ def hidden_features(model: nn.Module, split: EncodedText, pad_id: int, batch_siz
     return out
 
 
-@torch.no_grad()
 def continuations(model: nn.Module, tokenizer, openings: list[str], device) -> list[str]:
     """Greedy continuations of a few openings, decoded together in one left-padded batch."""
-    if not openings:
-        return []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # every opening ends where generation starts
-    try:
-        enc = tokenizer(openings, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    new = CONTINUATION_TOKENS if limit is None else min(CONTINUATION_TOKENS, limit - ids.shape[1])
-    if new <= 0:
-        return ["" for _ in openings]
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(new), do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    finally:
-        model.train(was_training)
-    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    return greedy_continuations(model, tokenizer, openings, device, CONTINUATION_TOKENS)
 
 
 def openings(tokenizer, texts: list[str]) -> list[str]:

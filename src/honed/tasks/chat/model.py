@@ -421,28 +421,37 @@ def generations(model, tokenizer, conversations: list[list[dict]], device) -> li
     """Greedy replies to the prompts of a few conversations, decoded together in one left-padded
     batch: one pass over the weights per new token for all of them, not one per prompt (at 478 M
     parameters on a CPU the weights' reads dominate each step)."""
-    if not conversations:
-        return []
     texts = [tokenizer.apply_chat_template(prompt_of(m), tokenize=False, add_generation_prompt=True) for m in conversations]
+    # the chat template already holds the special tokens
+    return [r.strip() for r in greedy_continuations(model, tokenizer, texts, device, GENERATION_TOKENS, add_special_tokens=False)]
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, texts: list[str], device, max_new_tokens: int,
+                         add_special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of `texts`, decoded together in one left-padded batch, each at most
+    `max_new_tokens` and never past the model's context; the model's train/eval mode is restored."""
+    if not texts:
+        return []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # every prompt ends where generation starts
     try:
-        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    max_tokens = GENERATION_TOKENS if limit is None else min(GENERATION_TOKENS, limit - ids.shape[1])
-    if max_tokens <= 0:
-        return ["" for _ in conversations]
+    new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - ids.shape[1])
+    if new_tokens <= 0:
+        return ["" for _ in texts]
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_tokens), do_sample=False,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(new_tokens), do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     finally:
         model.train(was_training)
-    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 
 def write_predictions(path: Path, frame, stats: torch.Tensor) -> None:
