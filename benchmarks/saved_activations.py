@@ -5,8 +5,8 @@
 Runs one forward of `--tokens` tokens (one flattened row, fp32, LoRA r 16 / alpha 32 / dropout 0.05 on
 every projection, as benchmarks/chat_sft.py) under `torch.autograd.graph.saved_tensors_hooks` and sums,
 per grad_fn name, the bytes of every distinct storage autograd keeps for backward. Weights (parameters)
-are excluded: they exist anyway. The loss is the mean over the final hidden states (no logits), so the
-table is the per-layer activations only.
+are excluded: they exist anyway. No logits and no backward are run: the table is the per-layer
+activations only. The op names are approximate (see the comment in main).
 """
 import argparse
 from collections import defaultdict
@@ -16,7 +16,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def main() -> None:
     """Print bytes saved for backward per autograd op for one forward pass."""
@@ -41,8 +40,8 @@ def main() -> None:
             per_op[state["op"]] += t.untyped_storage().nbytes()
         return t
 
-    # The grad_fn of the op that saves a tensor is only known once the op returns; torch's dispatch mode
-    # names the op being run, which is the one whose saved tensors the hook sees.
+    # The hook does not say which op saves a tensor; the last aten op dispatched before it fired is
+    # usually the producer of that tensor (e.g. dropout's div_), so the names are a rough attribution.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Naming(TorchDispatchMode):
@@ -58,8 +57,6 @@ def main() -> None:
           f"intermediate {model.config.intermediate_size}: {total / 2**20:.0f} MiB saved for backward")
     for op, n in sorted(per_op.items(), key=lambda kv: -kv[1]):
         print(f"  {op:<40} {n / 2**20:9.1f} MiB  {100 * n / total:5.1f} %")
-
-
 
 if __name__ == "__main__":
     main()
