@@ -58,5 +58,6 @@ def main() -> None:
     for op, n in sorted(per_op.items(), key=lambda kv: -kv[1]):
         print(f"  {op:<40} {n / 2**20:9.1f} MiB  {100 * n / total:5.1f} %")
 
+
 if __name__ == "__main__":
     main()
