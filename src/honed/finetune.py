@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 import math
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class FineTuner:
     probe_head: dict | None = None
     mitigations: bool = True  # L2-SP and replay, as the recipe says (off for the scratch baseline)
     budget: GuardBudget | None = None  # the extra training the guards may still do (set once the run's fine-tune is done)
+    # this process's peak RSS (MB) when the last fine-tune's training ended, before the adapter is saved and the
+    # method's export (a merged, dequantised copy for qlora) allocates: what the memory check estimates
+    training_peak_rss_mb: float = 0.0
 
     def pristine_state(self) -> dict[str, torch.Tensor]:
         """The pre-trained weights as a plain state dict (read back from disk during a run)."""
@@ -97,6 +101,7 @@ class FineTuner:
                                             progress, on_eval, group, hooks, max_steps=max_steps)
             history[:] = previous + outcome.history
             outcomes.append(outcome)
+        self.training_peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if adapter_dir is not None and spec["adapter"] is not None and spec["adapter"](recipe):
             save_adapter(model, adapter_dir)
         if spec["export"] is not None:

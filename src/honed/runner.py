@@ -261,8 +261,9 @@ def fine_tune_in_place(session: Session, tuner: FineTuner, run_dir: Path, seed: 
                                                progress=TrainingProgress(enabled=show_progress), on_history=on_history,
                                                model=session.bundle.model, group=group, hooks=hooks,
                                                adapter_dir=run_dir / "adapter" if group is None or group.main else None)
-    # the memory check estimates the training peak: read it here, before evaluation, export and the guards add theirs
-    return Trained(model, outcomes, history, max(distributed.gather(peak_rss_mb(), group)))
+    # the memory check estimates the training peak: read when training ended, before the method's export (a
+    # merged copy of the weights), evaluation and the guards add theirs
+    return Trained(model, outcomes, history, max(distributed.gather(tuner.training_peak_rss_mb, group)))
 
 
 def write_model(session: Session, model, run_dir: Path, test_outputs) -> None:
