@@ -26,7 +26,7 @@ class SourceSpec(Strict):
     """One source of a mixture: `data.train: [{path: a.jsonl, weight: 0.7}, {path: hf:owner/name, weight: 0.3}]`."""
 
     path: str  # any single-source form: a file, a folder of shards, a glob, a save_to_disk folder, hf:owner/name
-    weight: float | None = Field(None, gt=0)  # this source's share of the examples (normalised); none: every row
+    weight: float | None = Field(None, gt=0)  # this source's share of the examples or tokens (data.mix_by; normalised); none: every row
     subset: str | None = None  # hf: the dataset's configuration (default: data.subset)
     split: str | None = None  # hf: or a save_to_disk DatasetDict: the split (default: data.split)
 
@@ -38,6 +38,8 @@ class DataSpec(Strict):
     test: str | list[SourceSpec] | None = None
     subset: str | None = None  # hf: sources: the dataset's configuration (load_dataset's `name`)
     split: str | None = None  # hf: sources and save_to_disk DatasetDicts: the split to read (default: train)
+    # a mixture's weights are shares of its examples, or (chat, causal-lm) of its tokens, counted with the run's tokenizer
+    mix_by: Literal["examples", "tokens"] = "examples"
     format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"  # chat: the conversation format; auto: from the first rows
     text: str = "text"
     label: str = "label"

@@ -29,6 +29,10 @@ SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 BUILDERS = {"csv": "csv", "tsv": "csv", "jsonl": "json", "parquet": "parquet"}
 
 
+# count_tokens(frame) -> the number of tokens of each row, counted with the run's tokenizer (data.mix_by: tokens)
+TokenCounter = Callable[[pd.DataFrame], "list[int] | np.ndarray"]
+
+
 @dataclass
 class Loaded:
     """A split's rows and where they came from: one entry per source, for audit.json."""
@@ -75,11 +79,13 @@ def read_source(value: str, field: str, subset: str | None = None, split: str | 
 
 
 def load_split(value, field: str, subset: str | None, split: str | None, seed: int,
-               prepare: Callable[[pd.DataFrame, str], pd.DataFrame] | None = None) -> Loaded:
+               prepare: Callable[[pd.DataFrame, str], pd.DataFrame] | None = None,
+               count_tokens: TokenCounter | None = None) -> Loaded:
     """One recipe split: a source, or a mixture (a list of `{path, weight}`).
 
     prepare(frame, name) turns each source's rows into the task's columns before sources are
     mixed, so sources in different formats (ShareGPT and Alpaca files) can be mixed.
+    count_tokens: see `mix` (`data.mix_by: tokens`).
     """
     prepare = prepare or (lambda frame, name: frame)
     if not isinstance(value, list):
@@ -90,16 +96,22 @@ def load_split(value, field: str, subset: str | None, split: str | None, seed: i
         where = f"{field}[{i}]"
         frames.append(prepare(read_source(entry.path, f"{where}.path", entry.subset or subset, entry.split or split),
                               source_name(entry.path)))
-    return mix(frames, [e.weight for e in value], [e.path for e in value], field, seed)
+    return mix(frames, [e.weight for e in value], [e.path for e in value], field, seed, count_tokens)
 
 
-def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str], field: str, seed: int) -> Loaded:
+def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str], field: str, seed: int,
+        count_tokens: TokenCounter | None = None) -> Loaded:
     """Sources mixed so each makes up its weight's share of the examples, deterministically per seed.
 
     Without weights every row of every source is kept. With weights the mixture is as large as
     it can be without repeating a row (a repeated row could land in both train and a carved
     validation split): the source that runs out first is used whole, the others are subsampled
     by a seeded permutation.
+
+    count_tokens(frame) -> one token count per row (`data.mix_by: tokens`, counted with the run's
+    tokenizer by the task): the weights are then shares of the mixture's tokens, not of its rows;
+    each source's rows are taken in the same seeded order, as many as bring its tokens closest to
+    its share, and audit.json reports each source's tokens and achieved token share.
     """
     columns = list(frames[0].columns)
     for frame, name in zip(frames[1:], names[1:]):
@@ -109,6 +121,10 @@ def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str
     given = [w for w in weights if w is not None]
     if given and len(given) != len(weights):
         raise DataError(f"{field}: give a weight to every source of the mixture or to none (weights: {weights})")
+    counts = [np.asarray(count_tokens(f), dtype=np.int64) for f in frames] if count_tokens is not None else None
+    rng = np.random.default_rng(seed)
+    if counts is not None:
+        return _mix_by_tokens(frames, counts, weights if given else None, names, columns, rng)
     if not given:
         takes = [len(f) for f in frames]
     else:
@@ -116,7 +132,6 @@ def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str
         shares = [w / total for w in weights]
         size = min(len(f) / s for f, s in zip(frames, shares))
         takes = [max(1, min(len(f), int(round(size * s)))) for f, s in zip(frames, shares)]
-    rng = np.random.default_rng(seed)
     parts, sources = [], []
     for frame, take, name, weight in zip(frames, takes, names, weights):
         idx = np.sort(rng.permutation(len(frame))[:take]) if take < len(frame) else np.arange(len(frame))
@@ -127,6 +142,45 @@ def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str
     mixed = mixed.iloc[rng.permutation(len(mixed))].reset_index(drop=True)
     for s in sources:
         s["share"] = round(s["rows"] / len(mixed), 4)
+    return Loaded(mixed, sources)
+
+
+def _mix_by_tokens(frames: list[pd.DataFrame], counts: list[np.ndarray], weights: list[float] | None, names: list[str],
+                   columns: list[str], rng: np.random.Generator) -> Loaded:
+    """`mix` by tokens: the mixture holds as many tokens as it can without repeating a row; the source
+    whose tokens run out first (relative to its share) is used whole, each other source contributes the
+    prefix of its seeded permutation whose tokens come closest to its share."""
+    orders = [rng.permutation(len(f)) for f in frames]
+    totals = [int(c.sum()) for c in counts]
+    if weights is None:
+        takes = [len(f) for f in frames]
+    else:
+        shares = [w / sum(weights) for w in weights]
+        size = min(t / s for t, s in zip(totals, shares))  # tokens of the whole mixture
+        takes = []
+        for order, count, share, frame in zip(orders, counts, shares, frames):
+            running = np.cumsum(count[order])  # tokens after taking 1, 2, ... rows
+            target = size * share
+            k = int(np.searchsorted(running, target))  # the first prefix reaching the target
+            if k >= len(frame):
+                take = len(frame)
+            elif k > 0 and target - running[k - 1] <= running[k] - target:
+                take = k  # one row fewer comes closer
+            else:
+                take = k + 1
+            takes.append(max(1, take))
+    parts, sources = [], []
+    for frame, order, count, take, name, weight in zip(frames, orders, counts, takes, names, weights or [None] * len(frames)):
+        idx = np.sort(order[:take])
+        parts.append(frame.iloc[idx][columns])
+        sources.append({"source": str(name), "weight": weight, "rows_available": int(len(frame)), "rows": int(take),
+                        "tokens_available": int(count.sum()), "tokens": int(count[idx].sum())})
+    mixed = pd.concat(parts, ignore_index=True)
+    mixed = mixed.iloc[rng.permutation(len(mixed))].reset_index(drop=True)
+    tokens = sum(s["tokens"] for s in sources) or 1
+    for s in sources:
+        s["share"] = round(s["rows"] / len(mixed), 4)
+        s["token_share"] = round(s["tokens"] / tokens, 4)
     return Loaded(mixed, sources)
 
 
@@ -243,7 +297,9 @@ def sources_note(loaded: Loaded, role: str) -> dict:
         message = f"{role}: {s['rows']} rows from {source_name(s['source'])}"
     else:
         message = f"{role} mixes " + ", ".join(
-            f"{source_name(s['source'])} ({s['share']:.1%}, {s['rows']} of {s['rows_available']} rows)" for s in loaded.sources)
+            f"{source_name(s['source'])} ({s['share']:.1%}, {s['rows']} of {s['rows_available']} rows"
+            + (f"; {s['token_share']:.1%} of the tokens, {s['tokens']} of {s['tokens_available']}" if "tokens" in s else "") + ")"
+            for s in loaded.sources)
     return {"level": "info", "code": "sources", "split": role, "message": message, "sources": loaded.sources}
 
 

@@ -92,6 +92,17 @@ def load_causal_lm(source: str, recipe=None, chat: bool = True) -> ModelBundle:
     return _bundle(model, tokenizer, source)
 
 
+def load_causal_tokenizer(source: str, recipe, chat: bool = True):
+    """The tokenizer `load_causal_lm` would give (chat template resolved), without the model: what
+    `data.mix_by: tokens` counts a mixture's tokens with before any model loads."""
+    quiet_transformers()
+    local = Path(source)
+    honed_dir = run_model_dir(local) if local.exists() else None
+    tokenizer = hf_tokenizer(str(honed_dir) if honed_dir is not None else source, bool(recipe.trust_remote_code))
+    resolve_chat_template(tokenizer, recipe.data.chat_template, recipe.base_dir, source, required=chat)
+    return tokenizer
+
+
 def _bundle(model, tokenizer, source: str) -> ModelBundle:
     def encode(texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]

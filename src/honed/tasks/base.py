@@ -118,6 +118,25 @@ class Task:
     tie_break: str | None = None  # a metric (lower is better) that decides between evaluations with equal primary metrics
 
 
+TOKEN_MIXTURE_TASKS = ("chat", "causal-lm")  # the tasks whose mixtures can be weighted by tokens (data.mix_by: tokens)
+
+
+def refuse_mix_by_tokens(recipe) -> None:
+    """`data.mix_by: tokens` in a task that does not count tokens when it mixes sources."""
+    if recipe.data.mix_by == "tokens":
+        raise RecipeError(f"data.mix_by: tokens weighs a mixture by the tokens of its rows, which task {recipe.task} does not mix by "
+                          f"(only {' and '.join(TOKEN_MIXTURE_TASKS)} do); remove data.mix_by or set it to examples")
+
+
+def mixture_counter(recipe, make: Callable[[Any], Callable]) -> Callable | None:
+    """The per-row token counter a task hands data.sources.mix when the recipe weighs a mixture by
+    tokens (make(recipe) builds it, loading the tokenizer only then); None otherwise."""
+    spec = recipe.data
+    if spec.mix_by != "tokens" or not any(isinstance(getattr(spec, role), list) for role in ("train", "validation", "test")):
+        return None
+    return make(recipe)
+
+
 def refuse_series_model(recipe) -> None:
     """A forecasting architecture spec (`model: {architecture: patchtst}`) in a task that is not forecasting."""
     if isinstance(recipe.model, SeriesModelSpec):

@@ -84,13 +84,15 @@ def read_documents(value, field: str, column: str, subset: str | None, split: st
     return _from_table(read_source(value, field, subset, split), column, column_key, str(value))
 
 
-def load_documents(value, field: str, column: str, subset: str | None, split: str | None, seed: int) -> Loaded:
-    """A recipe split (a source, or a mixture of `{path, weight}` entries) as documents."""
+def load_documents(value, field: str, column: str, subset: str | None, split: str | None, seed: int,
+                   count_tokens=None) -> Loaded:
+    """A recipe split (a source, or a mixture of `{path, weight}` entries) as documents; count_tokens: the
+    per-document token counter of a mixture weighed by tokens (data.sources.mix)."""
     if not isinstance(value, list):
         frame = read_documents(value, field, column, subset, split)
         return Loaded(frame, [{"source": str(value), "rows": int(len(frame))}])
     frames = [read_documents(e.path, f"{field}[{i}].path", column, e.subset or subset, e.split or split) for i, e in enumerate(value)]
-    return mix(frames, [e.weight for e in value], [e.path for e in value], field, seed)
+    return mix(frames, [e.weight for e in value], [e.path for e in value], field, seed, count_tokens)
 
 
 def drop_empty(frame: pd.DataFrame, field: str, given, role: str, notes: list[dict]) -> pd.DataFrame:
@@ -106,14 +108,14 @@ def drop_empty(frame: pd.DataFrame, field: str, given, role: str, notes: list[di
     return frame.loc[~empty].reset_index(drop=True)
 
 
-def load_document_splits(recipe, seed: int) -> TextSplits:
+def load_document_splits(recipe, seed: int, count_tokens=None) -> TextSplits:
     """Train (and validation/test when given) as documents; the missing splits carved at random, by document."""
     spec = recipe.data
     notes: list[dict] = []
 
     def read(role: str) -> pd.DataFrame:
         value = getattr(spec, role)
-        loaded = load_documents(value, f"data.{role}", spec.text, spec.subset, spec.split, seed)
+        loaded = load_documents(value, f"data.{role}", spec.text, spec.subset, spec.split, seed, count_tokens)
         frame = drop_empty(loaded.frame, f"data.{role}", value, role, notes)
         notes.insert(0, sources_note(loaded, role))
         return frame

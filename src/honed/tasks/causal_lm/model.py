@@ -106,6 +106,16 @@ def document_encoder(tokenizer, eos_id: int):
     return encode
 
 
+def document_token_counter(tokenizer):
+    """count(frame) -> the tokens of each document (its `text`, uncut, with the EOS that ends it): what
+    `data.mix_by: tokens` weighs a mixture with."""
+    def count(frame: pd.DataFrame) -> list[int]:
+        texts = frame["text"].tolist()
+        return [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]] if texts else []
+
+    return count
+
+
 def eos_id_of(tokenizer, source: str) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:

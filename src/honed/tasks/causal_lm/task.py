@@ -10,10 +10,10 @@ from pathlib import Path
 from ...checks.forgetting import interpolation_alphas, wise_ft_sweep
 from ...errors import RecipeError
 from ...guards.forgetting import forgetting_guard, linear_cka
-from ...models.causal_lm import load_causal_lm, lora_targets
+from ...models.causal_lm import load_causal_lm, load_causal_tokenizer, lora_targets
 from ...models.quantise import refuse_unquantised
 from .. import labelled
-from ..base import Reference, Task, refuse_series_model, saved_columns
+from ..base import Reference, Task, mixture_counter, refuse_series_model, saved_columns
 from ..chat.task import baseline as chat_baseline
 from ..chat.task import overfitting as chat_overfitting
 from . import data, model
@@ -124,7 +124,8 @@ TASK = Task(
     default_family="causal-lm",
     methods=("lora", "qlora", "full", "freeze"),
     check_recipe=check_recipe,
-    load_splits=lambda recipe: data.load_document_splits(recipe, recipe.train.seed),
+    load_splits=lambda recipe: data.load_document_splits(recipe, recipe.train.seed, mixture_counter(
+        recipe, lambda r: model.document_token_counter(load_causal_tokenizer(r.model, r, chat=False)))),
     audit=audit,
     load_model=load_model,
     sequence_length=lambda recipe, module: recipe.data.max_length,

@@ -58,15 +58,16 @@ def carve_missing(spec, train: pd.DataFrame, validation, test, seed: int, unit: 
     return train, validation, test, notes
 
 
-def load_chat_splits(recipe, seed: int) -> TextSplits:
-    """Train (and validation/test when given) as frames with one `messages` column; missing splits carved at random."""
+def load_chat_splits(recipe, seed: int, count_tokens=None) -> TextSplits:
+    """Train (and validation/test when given) as frames with one `messages` column; missing splits carved at random.
+    count_tokens: the per-row token counter of a mixture weighed by tokens (data.sources.mix)."""
     spec = recipe.data
     formats: list[str] = []
     read_notes = []
 
     def read(role: str):
         loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
-                            lambda frame, name: _read(frame, name, f"data.{role}", spec, formats))
+                            lambda frame, name: _read(frame, name, f"data.{role}", spec, formats), count_tokens)
         read_notes.append(sources_note(loaded, role))
         return loaded.frame
 

@@ -101,6 +101,17 @@ def render_with_mask(tokenizer, messages: list[dict], tools: list | None = None)
     return ids, mask
 
 
+def conversation_token_counter(tokenizer):
+    """count(frame) -> the tokens of each conversation (its `messages`, and `tools` when present) as the
+    chat template renders them, uncut: what `data.mix_by: tokens` weighs a mixture with."""
+    def count(frame: pd.DataFrame) -> list[int]:
+        tools = frame["tools"].tolist() if "tools" in frame else [None] * len(frame)
+        texts = [tokenizer.apply_chat_template(m, tools=t, tokenize=False) for m, t in zip(frame["messages"], tools)]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    return count
+
+
 def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int, packing: bool,
                          tools: list | None = None) -> EncodedChat:
     """Render and tokenise once; conversations longer than max_length are cut and counted.

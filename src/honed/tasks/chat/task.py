@@ -15,11 +15,11 @@ from ...errors import DataError, RecipeError
 from ...guards.forgetting import forgetting_guard, linear_cka
 from ...guards.overfit import overfitting_guard
 from ...guards.status import guard_result
-from ...models.causal_lm import load_causal_lm, lora_targets
+from ...models.causal_lm import load_causal_lm, load_causal_tokenizer, lora_targets
 from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ChatRequest
 from .. import labelled
-from ..base import Reference, Task, refuse_series_model, saved_columns
+from ..base import Reference, Task, mixture_counter, refuse_series_model, saved_columns
 from . import data, model
 
 
@@ -36,6 +36,7 @@ def check_recipe(recipe) -> None:
 def audit(recipe, splits, bundle=None, encoded=None) -> dict:
     if encoded is None:  # token-level figures need the tokenizer: `honed run` reports them
         return {"findings": list(splits.notes), "format": data.format_of(splits),
+                "sources": {n["split"]: n["sources"] for n in splits.notes if n.get("code") == "sources"},
                 "splits": {name: {"rows": int(len(getattr(splits, name)))} for name in ("train", "validation", "test")}}
     return data.audit_chat(splits, encoded, recipe.data.max_length, recipe.data.packing)
 
@@ -163,7 +164,8 @@ TASK = Task(
     default_family="causal-lm",
     methods=("lora", "qlora", "full", "freeze"),
     check_recipe=check_recipe,
-    load_splits=lambda recipe: data.load_chat_splits(recipe, recipe.train.seed),
+    load_splits=lambda recipe: data.load_chat_splits(recipe, recipe.train.seed, mixture_counter(
+        recipe, lambda r: model.conversation_token_counter(load_causal_tokenizer(r.model, r)))),
     audit=audit,
     load_model=load_model,
     sequence_length=lambda recipe, module: recipe.data.max_length,

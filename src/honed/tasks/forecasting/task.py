@@ -13,11 +13,12 @@ from ...guards.status import guard_result
 from ...models.forecast import build_forecaster, load_forecaster
 from ...recipe import MLPSpec
 from .. import labelled
-from ..base import Reference, Task, saved_columns, saved_device_and_precision
+from ..base import Reference, Task, refuse_mix_by_tokens, saved_columns, saved_device_and_precision
 from . import data, model
 
 
 def check_recipe(recipe) -> None:
+    refuse_mix_by_tokens(recipe)
     if isinstance(recipe.model, MLPSpec):
         raise RecipeError("model: architecture 'mlp' is for tabular tasks; forecasting builds {architecture: patchtst} or {architecture: patchtsmixer}, or loads a checkpoint or an earlier run")
     if recipe.replay is not None:

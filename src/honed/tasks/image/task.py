@@ -10,13 +10,14 @@ from ...data.load import read_table
 from ...errors import DataError, RecipeError
 from ...models.load import load_hf_image, load_saved, relabel, run_model_dir
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
+from ..base import CachedHead, Task, refuse_mix_by_tokens, refuse_series_model, saved_columns, saved_device_and_precision
 from ..text import model as text_model
 from . import data, model
 
 
 def check_recipe(recipe) -> None:
     refuse_series_model(recipe)
+    refuse_mix_by_tokens(recipe)
     if not isinstance(recipe.model, str):
         raise RecipeError("model: image-classification needs a checkpoint folder, a Hub id or a honed image run")
 

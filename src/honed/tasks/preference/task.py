@@ -19,7 +19,7 @@ from ...models.causal_lm import load_causal_lm, lora_targets
 from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ChatRequest
 from .. import labelled
-from ..base import Reference, Task, refuse_series_model, saved_columns, saved_device_and_precision
+from ..base import Reference, Task, refuse_mix_by_tokens, refuse_series_model, saved_columns, saved_device_and_precision
 from ..chat import model as chat_model
 from ..chat.task import load_reference as chat_reference
 from . import data, model
@@ -35,6 +35,7 @@ def sentence(problems: list[str]) -> str:
 
 def check_recipe(recipe) -> None:
     refuse_series_model(recipe)
+    refuse_mix_by_tokens(recipe)
     if not isinstance(recipe.model, str):
         raise RecipeError("model: preference needs a causal language model checkpoint folder, a Hub id or a honed chat run")
     for key, asked in (("replay", recipe.replay is not None), ("interpolate", bool(recipe.interpolate)), ("l2sp", recipe.l2sp is not None)):

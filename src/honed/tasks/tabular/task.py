@@ -13,9 +13,14 @@ from ...errors import DataError, RecipeError
 from ...models.load import ModelBundle, load_saved, relabel, run_model_dir
 from ...models.mlp import build_mlp
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
+from ..base import CachedHead, Task, refuse_mix_by_tokens, refuse_series_model, saved_columns, saved_device_and_precision
 from ..text import model as text_model
 from . import data, model
+
+
+def check_recipe(recipe) -> None:
+    refuse_series_model(recipe)
+    refuse_mix_by_tokens(recipe)
 
 
 def load_model(recipe, splits) -> ModelBundle:
@@ -82,7 +87,7 @@ def target_scale(bundle):
 COMMON = dict(
     default_family="mlp",
     methods=("full", "head", "freeze", "lora", "lp-ft"),
-    check_recipe=refuse_series_model,
+    check_recipe=check_recipe,
     load_splits=lambda recipe: data.load_tabular_splits(recipe, recipe.train.seed),
     audit=audit,
     load_model=load_model,

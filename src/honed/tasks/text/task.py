@@ -10,12 +10,13 @@ from ...models.load import load_pretrained, load_saved
 from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ClassifierRequest
 from .. import labelled
-from ..base import CachedHead, Task, refuse_series_model, saved_columns, saved_device_and_precision
+from ..base import CachedHead, Task, refuse_mix_by_tokens, refuse_series_model, saved_columns, saved_device_and_precision
 from . import data, model
 
 
 def check_recipe(recipe) -> None:
     refuse_series_model(recipe)
+    refuse_mix_by_tokens(recipe)
     if not isinstance(recipe.model, str):
         raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
     if recipe.method == "qlora" and recipe.model == "wordllama":
