@@ -266,7 +266,7 @@ def train(
         if from_shards:
             best = load_shards(work, optimizer, checkpointer.shards(ckpt_name), lambda: trainable_state(work))
         elif sharded:
-            load_plain_optimizer(work, optimizer, optimizer_by_name)
+            load_plain_optimizer(work, optimizer, optimizer_by_name, engine.from_rank0)
             best = engine.shard_like(plain_best) if plain_best is not None else None
             optimizer_by_name = plain_best = None
         else:
