@@ -250,7 +250,9 @@ def train(
             best = tensors.get("best")
             if sharded:
                 plain_best = best if best is not None else tensors["weights"] if saved["best_step"] is not None else None
-                optimizer_by_name = plain_optimizer_by_name(model, objects["optimizer"], lambda m: make_optimizer(m, cfg))
+                # a process without the weights (built on the meta device) takes rank 0's optimizer state in Sharded
+                weightless = any(p.is_meta for p in model.parameters())
+                optimizer_by_name = {} if weightless else plain_optimizer_by_name(model, objects["optimizer"], lambda m: make_optimizer(m, cfg))
                 best = None
         del tensors
 

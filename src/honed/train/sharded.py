@@ -15,6 +15,13 @@ the model itself:
   `save_pretrained` of model/) sees the plain module it passed in. The other processes get
   uninitialised tensors of the right shapes: they only run the method's export and return.
 
+Processes other than rank 0 of a run that shards from the start built the model on the meta
+device (models/meta_load.py: only rank 0 read the weights). After sharding, `fill_from_rank0`
+gives them storage for their shards only and fills it from rank 0's model (set_model_state_dict
+with broadcast_from_rank0; the buffers outside the state dict, such as rotary `inv_freq`, by
+broadcast), adapters added before sharding included; a plain checkpoint's optimizer state
+resumed into them comes from rank 0 the same way.
+
 The caller's module keeps its identity and class throughout (fully_shard changes the class of
 the modules it shards: only the twin's). Checkpoints go through torch.distributed.checkpoint:
 `save_shards` (each process writes its own file; train/checkpoint.py commits the folder) and
