@@ -293,7 +293,9 @@ def main() -> None:
                 # process's); the whole run's (evaluation, export and the guards after it) goes in the note
                 whole = max(result["peak_children_mb"], t["peak_rss_mb"])
                 peak, estimate = t.get("training_peak_rss_mb") or whole, t["memory_estimate_mb"]
-                share = "; ".join(x for x in (f"whole run's peak {whole:,.0f} MB", shard_share(result.get("shards"))) if x)
+                ranks = t.get("training_peak_rss_mb_per_process") or []
+                per_rank = f"training peak per process {' / '.join(f'{r:,.0f}' for r in ranks)} MB" if len(ranks) > 1 else ""
+                share = "; ".join(x for x in (f"whole run's peak {whole:,.0f} MB", shard_share(result.get("shards")), per_rank) if x)
                 tokens = t["samples_per_second"] * mean_tokens
                 print(f"{size:<6} {row:<8} {peak:>9,.0f} {estimate:>12,.0f} {estimate / peak:>9.2f} {tokens:>9,.0f} {t['train_seconds']:>8.1f}  {isa}"
                       + (f"  ({share})" if share else ""), flush=True)

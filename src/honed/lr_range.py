@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .data.batching import shuffled_plan
 from .errors import RecipeError
 from .methods import METHODS, checkpointing
+from .models.meta_load import on_meta
 from .recipe import Recipe
 from .train import distributed
 from .train.checkpoint import rng_state, set_rng_state
@@ -212,6 +213,8 @@ def resolve_lr(recipe: Recipe, task, bundle, encoded: dict, features: dict, prec
     started = time.perf_counter()
     prior = float(recipe.train.lr)
     state = rng_state()
+    if on_meta(bundle.model):  # a sharded run's process without the weights (models/meta_load.py) takes rank 0's rate
+        return take_rank0_rate(recipe, None)
     try:
         if recipe.method == "head" and task.cached_head is not None:
             lrs, losses, diverged = sweep_head(recipe, task, bundle, features, encoded["train"].labels, device, seed, MAX_STEPS)
@@ -223,8 +226,13 @@ def resolve_lr(recipe: Recipe, task, bundle, encoded: dict, features: dict, prec
     chosen, rule, curve = choose(lrs, losses, prior, diverged)
     record = {"lrs": lrs[:len(losses)], "losses": [x if math.isfinite(x) else None for x in losses], "smoothed": curve, "chosen": chosen, "rule": rule, "prior": prior,
               "diverged": diverged, "method": recipe.method, "seconds": round(time.perf_counter() - started, 3)}
+    return take_rank0_rate(recipe, record)
+
+
+def take_rank0_rate(recipe: Recipe, record: dict | None) -> dict:
+    """rank 0's range test on every process (one rate, whatever each one's arithmetic), written to the recipe."""
     group = distributed.join() if dist.is_available() and dist.is_initialized() else None
-    record = distributed.broadcast(record, group)  # one rate for every process, whatever each one's arithmetic
+    record = distributed.broadcast(record, group)
     recipe.train.lr = record["chosen"]
     if recipe.method == "head":
         recipe.train.head_lr = record["chosen"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import next_step, track
@@ -29,6 +29,7 @@ from .hooks import Hooks
 from .memory import available_mb
 from .methods import METHODS
 from .models.load import save_model
+from .models.meta_load import on_meta
 from .recipe import Recipe, load_recipe, main_seed
 from .phases import Phases
 from .rundir import check_run_dir, default_run_dir, prepare_run_dir, write_history, write_pid, write_recipe
@@ -59,6 +60,7 @@ class Trained:
     outcomes: list
     history: list[dict]
     peak_rss_mb: float = 0.0  # the largest process's peak RSS up to the end of training (the guards' work comes after)
+    rank_peaks_mb: list[float] = field(default_factory=list)  # each process's peak RSS up to then, in rank order
 
     @property
     def train_seconds(self) -> float:
@@ -132,6 +134,8 @@ def run_stages(source, overrides, out, resume, overwrite, show_progress, on_eval
     seed = main_seed(recipe)
     task = session.task
     early = task.before_needs_untouched_model or (task.probe is not None and "head" in METHODS[recipe.method]["stages"])
+    # a process without the weights (models/meta_load.py) has nothing to score; only rank 0 uses the scores
+    early = early and not on_meta(session.bundle.model)
     with phases.phase("scoring the pre-trained model") if early else nullcontext():
         before = task.before(session, cache) if early else None  # otherwise after training, out of the training's memory
     tuner = FineTuner(session, pristine_on_disk(session, run_dir, main), before.get("head") if before else None)
@@ -263,7 +267,8 @@ def fine_tune_in_place(session: Session, tuner: FineTuner, run_dir: Path, seed: 
                                                adapter_dir=run_dir / "adapter" if group is None or group.main else None)
     # the memory check estimates the training peak: read when training ended, before the method's export (a
     # merged copy of the weights), evaluation and the guards add theirs
-    return Trained(model, outcomes, history, max(distributed.gather(tuner.training_peak_rss_mb, group)))
+    peaks = distributed.gather(tuner.training_peak_rss_mb, group)
+    return Trained(model, outcomes, history, max(peaks), peaks)
 
 
 def write_model(session: Session, model, run_dir: Path, test_outputs) -> None:
@@ -296,6 +301,7 @@ def assemble_metrics(session: Session, model, trained: Trained, before: dict, te
         "confusion_matrix": extra.pop("confusion_matrix"),
         "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
                    "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": peak_rss_mb(), "training_peak_rss_mb": trained.peak_rss_mb,
+                   "training_peak_rss_mb_per_process": trained.rank_peaks_mb,
                    "threads": threads,
                    "memory_estimate_mb": round(session.memory_estimate["total_mb"], 1),
                    "precision": session.precision, "device": str(session.device)},

@@ -23,6 +23,7 @@ from .methods import METHODS
 from .memory import (Plan, available_mb, check_memory, estimate_training_memory, largest_fitting_batch,
                      resolve_gradient_checkpointing)
 from .models.load import ModelBundle
+from .models.meta_load import on_meta
 from .phases import Phases
 from .recipe import Recipe, features_key, load_recipe, main_seed
 from .tasks import TASKS
@@ -148,7 +149,8 @@ def setup(recipe: Recipe, splits, cache: dict | None = None, hooks: Hooks | None
     if cached is None:
         with phases.phase("tokenising", lambda: f"{sum(len(getattr(splits, n)) for n in SPLITS)} rows"):
             encoded = {name: task.encode(bundle, getattr(splits, name), splits.labels, recipe) for name in SPLITS}
-    bundle.model.to(dev)
+    if not on_meta(bundle.model):  # a sharded run's other processes have no weights yet (models/meta_load.py)
+        bundle.model.to(dev)
     eval_bs = max(32, 2 * recipe.train.batch_size)
     if cached is None:
         with phases.phase("feature pass") if task.features is not None else nullcontext():

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .bundle import HONED_MODEL_FILE, ModelBundle, read_model_meta, run_model_dir
+from .meta_load import empty_model, loads_on_meta
 from .hf import hf_config, hf_tokenizer, quiet_transformers, reload_hf_dir
 from .quantise import attention_kwargs, is_quantised, load_settings, pretrained
 
@@ -70,7 +71,8 @@ def load_causal_lm(source: str, recipe=None, chat: bool = True) -> ModelBundle:
             if recipe is not None:
                 resolve_chat_template(bundle.tokenizer, recipe.data.chat_template, recipe.base_dir, source, required=chat)
             return bundle
-    config = hf_config(source, recipe, "a causal language model")
+    weightless = loads_on_meta(recipe)  # FSDP2: rank 0 alone reads the weights and sends each process its shards (models/meta_load.py)
+    config = hf_config(source, recipe, "a causal language model", read_weights=not weightless)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     remote = trust and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
@@ -81,8 +83,11 @@ def load_causal_lm(source: str, recipe=None, chat: bool = True) -> ModelBundle:
     resolve_chat_template(tokenizer, recipe.data.chat_template if recipe else None, recipe.base_dir if recipe else None, source,
                           required=chat)
     try:
-        model = pretrained(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING, source, config, load_settings(recipe),
-                           trust_remote_code=trust, use_safetensors=None if allow_pickle else True, **attention_kwargs(recipe))
+        if weightless:
+            model = empty_model(AutoModelForCausalLM, config, trust_remote_code=trust, **attention_kwargs(recipe))
+        else:
+            model = pretrained(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING, source, config, load_settings(recipe),
+                               trust_remote_code=trust, use_safetensors=None if allow_pickle else True, **attention_kwargs(recipe))
     except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise RecipeError(f"model: {source} could not be loaded as a causal language model ({str(exc).splitlines()[0][:240]})") from None
     if not is_quantised(model):

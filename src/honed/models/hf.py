@@ -20,7 +20,7 @@ from ..errors import RecipeError
 from .bundle import ModelBundle
 
 
-def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+def _check_hf_dir(path: Path, allow_pickle: bool, read_weights: bool = True) -> None:
     if not path.is_dir():
         raise RecipeError(f"model: {path} is not a directory; expected a Hugging Face checkpoint folder, a Hub id, 'wordllama' or a honed run directory")
     if not (path / "config.json").exists():
@@ -34,6 +34,8 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise RecipeError(f"model: {path} has a config.json but no weights (*.safetensors)")
+    if not read_weights:  # a process that builds the model without weights (models/meta_load.py): rank 0 checks the files
+        return
     if not has_safetensors and allow_pickle:
         for weights in sorted(path.glob("pytorch_model*.bin")):
             _check_pickle_weights(weights)
@@ -96,16 +98,17 @@ def hf_tokenizer(source: str, trust_remote_code: bool):
     return tokenizer
 
 
-def hf_config(source: str, recipe, kind: str):
+def hf_config(source: str, recipe, kind: str, read_weights: bool = True):
     """config.json of a checkpoint folder (after the folder's safety checks) or a Hub id, with
-    one-line errors; `kind` names what the task needs, e.g. "a sequence-classification"."""
+    one-line errors; `kind` names what the task needs, e.g. "a sequence-classification".
+    read_weights: False skips opening the weights files' headers (a process that will not load them)."""
     from transformers import AutoConfig
 
     quiet_transformers()
     local = Path(source)
     is_local = local.is_absolute() or local.exists()
     if is_local:
-        _check_hf_dir(local, bool(recipe and recipe.allow_pickle))
+        _check_hf_dir(local, bool(recipe and recipe.allow_pickle), read_weights)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=bool(recipe and recipe.trust_remote_code))
     except Exception as exc:

@@ -11,7 +11,9 @@ engines, chosen by `train.distributed`:
 - `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each transformer block and then the
   root (train/sharded.py): each process holds 1/N of the parameters, gradients and optimizer
   state; bf16 through `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`,
-  `train.offload: true` through `CPUOffloadPolicy`.
+  `train.offload: true` through `CPUOffloadPolicy`. When the run asks for fsdp before the model
+  loads (`fsdp`, an Accelerate FSDP config, `offload`), only rank 0 reads the pre-trained weights;
+  the others build the model on the meta device and get their shards from rank 0 (models/meta_load.py).
 - `auto`: fsdp when one device cannot hold the weights, gradients and optimizer state (the
   memory estimate against the device's free memory), ddp otherwise. An Accelerate config that
   asks for FSDP (ACCELERATE_USE_FSDP) picks fsdp; DeepSpeed is refused.

@@ -250,7 +250,9 @@ def train(
             best = tensors.get("best")
             if sharded:
                 plain_best = best if best is not None else tensors["weights"] if saved["best_step"] is not None else None
-                optimizer_by_name = plain_optimizer_by_name(model, objects["optimizer"], lambda m: make_optimizer(m, cfg))
+                # a process without the weights (built on the meta device) takes rank 0's optimizer state in Sharded
+                weightless = any(p.is_meta for p in model.parameters())
+                optimizer_by_name = {} if weightless else plain_optimizer_by_name(model, objects["optimizer"], lambda m: make_optimizer(m, cfg))
                 best = None
         del tensors
 
@@ -266,7 +268,7 @@ def train(
         if from_shards:
             best = load_shards(work, optimizer, checkpointer.shards(ckpt_name), lambda: trainable_state(work))
         elif sharded:
-            load_plain_optimizer(work, optimizer, optimizer_by_name)
+            load_plain_optimizer(work, optimizer, optimizer_by_name, engine.from_rank0)
             best = engine.shard_like(plain_best) if plain_best is not None else None
             optimizer_by_name = plain_best = None
         else:

@@ -15,6 +15,13 @@ the model itself:
   `save_pretrained` of model/) sees the plain module it passed in. The other processes get
   uninitialised tensors of the right shapes: they only run the method's export and return.
 
+Processes other than rank 0 of a run that shards from the start built the model on the meta
+device (models/meta_load.py: only rank 0 read the weights). After sharding, `fill_from_rank0`
+gives them storage for their shards only and fills it from rank 0's model (set_model_state_dict
+with broadcast_from_rank0; the buffers outside the state dict, such as rotary `inv_freq`, by
+broadcast), adapters added before sharding included; a plain checkpoint's optimizer state
+resumed into them comes from rank 0 the same way.
+
 The caller's module keeps its identity and class throughout (fully_shard changes the class of
 the modules it shards: only the twin's). Checkpoints go through torch.distributed.checkpoint:
 `save_shards` (each process writes its own file; train/checkpoint.py commits the folder) and
@@ -29,10 +36,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     get_state_dict, set_optimizer_state_dict, set_state_dict)
+                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -74,6 +83,10 @@ class Sharded:
     def __init__(self, model: nn.Module, loss_fn: Callable, regulariser: Callable | None, precision: str, device,
                  group: Group):
         self.plain, self.group, self.device = model, group, device
+        # processes that built the model on the meta device (models/meta_load.py) get their shards from rank 0
+        self.from_rank0 = any(gather(any(p.is_meta for p in model.parameters()), group))
+        if self.from_rank0:
+            check_same_layout(model, group)
         work = twin(model)
         mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
                  else MixedPrecisionPolicy())
@@ -83,6 +96,8 @@ class Sharded:
         for block in blocks if blocks is not None else []:
             fully_shard(block, mp_policy=mixed, offload_policy=offload)
         fully_shard(work, mp_policy=mixed, offload_policy=offload)
+        if self.from_rank0:
+            fill_from_rank0(work, model, device, group)
         self.blocks = 0 if blocks is None else len(blocks)
         self.layout = {name: (p.shape, p.dtype, p.device) for name, p in model.named_parameters()}
         with torch.no_grad():
@@ -145,6 +160,37 @@ class Sharded:
         self.module = self.loss = None
 
 
+def check_same_layout(model: nn.Module, group: Group) -> None:
+    """Refuse to shard when rank 0's loaded model and the others' meta-built one differ (collective): a
+    checkpoint whose config says tied embeddings but whose file holds two different matrices loads untied."""
+    layout = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    layouts = gather(layout, group)
+    if any(other != layouts[0] for other in layouts[1:]):
+        differ = next(i for i, other in enumerate(layouts) if other != layouts[0])
+        first = sorted(set(layouts[0]) ^ set(layouts[differ]))[:1]
+        raise RecipeError(f"model: the checkpoint rank 0 loaded has other parameters than its config.json describes (e.g. {first}, "
+                          "as when tie_word_embeddings is true but the file holds a separate lm_head); fix config.json, "
+                          "or set train.distributed: ddp")
+
+
+def fill_from_rank0(work: nn.Module, plain: nn.Module, device, group: Group) -> None:
+    """The sharded twin's storage on the processes without weights, filled from rank 0's plain model (collective).
+
+    Each process allocates its shards only (`to_empty`); set_model_state_dict sends rank 0's
+    full tensors one by one and every process keeps its chunk. Buffers outside the state dict
+    (non-persistent: a rotary embedding's inv_freq) are not sent by it: they are broadcast as they are.
+    """
+    if not group.main:
+        work.to_empty(device=device)
+    full = plain.state_dict() if group.main else {}
+    set_model_state_dict(work, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    in_state = set(work.state_dict().keys())
+    with torch.no_grad():
+        for name, buffer in work.named_buffers():
+            if name not in in_state:
+                dist.broadcast(buffer, src=0)
+
+
 def plain_optimizer_by_name(model: nn.Module, state: dict, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> dict:
     """A plain checkpoint's optimizer state (indexed by position) keyed by parameter name, for an FSDP resume.
 
@@ -156,9 +202,11 @@ def plain_optimizer_by_name(model: nn.Module, state: dict, make_optimizer: Calla
     return get_optimizer_state_dict(model, optimizer)
 
 
-def load_plain_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, by_name: dict) -> None:
-    """plain_optimizer_by_name's state into the twin's optimizer: each process keeps its chunk."""
-    set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+def load_plain_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, by_name: dict, from_rank0: bool = False) -> None:
+    """plain_optimizer_by_name's state into the twin's optimizer: each process keeps its chunk.
+    from_rank0: rank 0's state is sent to the others (theirs was read into a model on the meta device)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    set_optimizer_state_dict(module, optimizer, by_name, options=options)
 
 
 def checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer, best: dict | None) -> dict:
