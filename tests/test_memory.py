@@ -168,3 +168,14 @@ def test_estimate_is_recorded_beside_the_measured_peak(recipe_factory):
     assert 0 < timing["memory_estimate_mb"] < 4 * timing["peak_rss_mb"]
     # training's peak is read before the evaluation, export and guards that follow it
     assert 0 < timing["training_peak_rss_mb"] <= timing["peak_rss_mb"]
+
+
+def test_the_recorded_plan_holds_plain_values_not_the_model(chat_recipe):
+    # a Plan field once held the (decoder, output layer) pair: asdict deep-copied it, and the copy of the
+    # whole decoder stayed in memory under training (+486 MB at train start for a 125M Llama)
+    recipe, splits = prepare(str(chat_recipe))
+    session = setup(recipe, splits, memory_mb=10**7)
+    plan = session.memory_estimate["plan"]
+    assert plan["chunked_logits"] is True
+    assert all(isinstance(v, (bool, int, float, str, tuple, type(None))) for v in plan.values())
+    assert not any(isinstance(x, torch.nn.Module) for v in plan.values() if isinstance(v, tuple) for x in v)

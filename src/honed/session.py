@@ -190,7 +190,7 @@ def memory_plan(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str,
                 head_name=bundle.head_name or "", lora_r=recipe.lora.r, lora_targets=tuple(targets) if targets else None,
                 qlora_bits=recipe.qlora.bits, qlora_double_quant=recipe.qlora.double_quant, freeze_layers=recipe.freeze.layers,
                 eval_rows=min(eval_bs, max(sizes)) if sizes and max(sizes) > 0 else eval_bs, packed_mask=recipe.task in PACKED_TASKS,
-                chunked_logits=recipe.task in PACKED_TASKS and recipe.train.distributed != "fsdp" and chunked_chat_loss(bundle.model))
+                chunked_logits=recipe.task in PACKED_TASKS and recipe.train.distributed != "fsdp" and chunked_chat_loss(bundle.model) is not None)
 
 
 def memory_estimate(recipe: Recipe, task: Task, bundle: ModelBundle, precision: str, splits=None,
