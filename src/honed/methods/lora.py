@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .dropout import replace_adapter_dropout
+
 
 def target_modules(model: nn.Module, head_name: str) -> list[str]:
     """Every linear layer outside the head; embeddings only for models that have no other layers (WordLlama)."""
@@ -31,6 +33,7 @@ def apply(model: nn.Module, bundle, recipe) -> nn.Module:
     targets = spec.target_modules or target_modules(model, bundle.head_name)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha or 2 * spec.r, lora_dropout=spec.dropout, target_modules=targets)
     peft_model = get_peft_model(model, config)
+    replace_adapter_dropout(peft_model)  # the same dropout without a saved mask (methods/dropout.py)
     if bundle.family == "causal-lm":
         return peft_model  # a language model keeps its output layer (often tied to the embeddings) frozen
     head_prefix = bundle.head_name.rpartition(".")[0] or bundle.head_name

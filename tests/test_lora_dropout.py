@@ -1,0 +1,99 @@
+"""methods/dropout.py: LoRA's input dropout without a saved mask. The same distribution as nn.Dropout,
+exact gradients from the mask drawn again, masks that follow the run's seed and replay under gradient
+checkpointing, nothing saved for the backward pass, and every peft LoRA layer's dropout swapped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from honed.methods.dropout import SeededDropout, replace_adapter_dropout
+
+
+def saved_bytes(fn, x: torch.Tensor) -> int:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        fn(x)
+    return sum(saved)
+
+
+def test_same_distribution_as_dropout():
+    torch.manual_seed(0)
+    x = torch.rand(500, 500) + 0.5  # no zeros: a zero in the output is a dropped element
+    y = SeededDropout(0.2).train()(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.005)
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    module = SeededDropout(0.2).eval()
+    assert module(x) is x
+    assert SeededDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        SeededDropout(1.0)
+
+
+def test_gradient_is_the_forward_mask_drawn_again():
+    torch.manual_seed(1)
+    x = (torch.rand(64, 300) + 0.5).requires_grad_()
+    y = SeededDropout(0.3).train()(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected = torch.where(y != 0, grad / 0.7, torch.zeros_like(grad))
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_masks_follow_the_seed():
+    x = torch.ones(50, 50)
+    module = SeededDropout(0.5).train()
+    torch.manual_seed(7)
+    first, second = module(x), module(x)
+    torch.manual_seed(7)
+    assert torch.equal(module(x), first)
+    assert not torch.equal(first, second), "each call draws its own mask"
+
+
+def test_saves_no_mask_for_the_backward():
+    x = torch.randn(256, 512, requires_grad=True)
+    plain, seeded = nn.Dropout(0.1).train(), SeededDropout(0.1).train()
+    assert saved_bytes(plain, x) >= x.numel() * 4, "nn.Dropout saves a float mask the size of its input"
+    assert saved_bytes(seeded, x) == 0
+
+
+def tiny_lora_llama(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         vocab_size=96, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return model, get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+
+
+def test_every_adapter_dropout_is_swapped_and_replays_under_checkpointing():
+    gradients = []
+    for checkpointing in (False, True):
+        base, model = tiny_lora_llama(0.25)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        assert replace_adapter_dropout(model) == 2 * 7
+        dropouts = [m for layer in model.modules() if isinstance(getattr(layer, "lora_dropout", None), nn.ModuleDict)
+                    for m in layer.lora_dropout.values()]
+        assert len(dropouts) == 14 and all(type(m) is SeededDropout and m.p == 0.25 for m in dropouts)
+        model.train()
+        ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(11)
+        model(input_ids=ids, labels=ids).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    plain, recomputed = gradients
+    assert plain.keys() == recomputed.keys() and len(plain) == 2 * 7 * 2
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-5, rtol=1e-5)
+    # and the masks matter: the same model without dropout has other gradients
+    _, undropped = tiny_lora_llama(0.0)
+    undropped.train()
+    torch.manual_seed(11)
+    undropped(input_ids=ids, labels=ids).loss.backward()
+    assert any(not torch.allclose(p.grad, plain[n]) for n, p in undropped.named_parameters() if p.grad is not None)
