@@ -23,6 +23,7 @@ from ...data import ragged, tokens
 from ...errors import RecipeError
 
 CACHE_TAG = "+chat-mask1"  # what this module adds to the tokenizer's cache key: the rendering and masking rules, version 1
+COUNT_CAP = 1 << 30  # tokens a conversation is counted to (data.mix_by: tokens): in effect uncut
 PARALLEL_FROM = 20_000  # conversations from which rendering runs on several processes (Jinja renders in Python)
 
 
@@ -175,10 +176,19 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
 
 def conversation_token_counter(tokenizer):
     """count(frame) -> the tokens of each conversation (its `messages`, and `tools` when present) as the
-    chat template renders them, uncut: what `data.mix_by: tokens` weighs a mixture with."""
+    chat template renders them, uncut: what `data.mix_by: tokens` weighs a mixture with. Counted through
+    the cache as well (the plain rendering, no mask: as cheap as counting without it), so a second run on
+    the same sources renders nothing to count them. (An empty rendering, a template that prints nothing,
+    counts as its one pad token.)"""
+    key = cache_key(tokenizer, False) + "+count"
+
+    def encode(texts: list[str], limit: int) -> list[list[int]]:
+        parsed = [json.loads(text) for text in texts]
+        rendered = [tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False) for r in parsed]
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+
     def count(frame: pd.DataFrame) -> list[int]:
-        tools = frame["tools"].tolist() if "tools" in frame else [None] * len(frame)
-        texts = [tokenizer.apply_chat_template(m, tools=t, tokenize=False) for m, t in zip(frame["messages"], tools)]
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        tools = frame["tools"].tolist() if "tools" in frame else None
+        return tokens.tokenise(records(frame["messages"].tolist(), tools), encode, key, COUNT_CAP, tokenizer.pad_token_id).lengths.tolist()
 
     return count
