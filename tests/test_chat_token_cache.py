@@ -101,6 +101,7 @@ def test_cached_encoding_is_the_rendering_token_by_token(tokenizer):
     again = encode_conversations(tokenizer, convs, 256, False)
     assert again.from_cache and again.batches_tokenised == 0 and again.packing is False
     same_as_oracle(again, oracle(tokenizer, convs, 256))
+    assert len(encode_conversations(tokenizer, [], 48, True)) == 0, "no conversations: an empty split, not an error"
 
 
 def test_a_second_encoding_renders_and_tokenises_nothing(tokenizer):

@@ -152,6 +152,9 @@ def tokenise_masked(texts, encode: Callable[[list[str]], tuple[list[list[int]], 
     from datasets import Features, List, Value
 
     texts = as_column(texts)
+    if len(texts) == 0:  # a map over no rows writes no columns to read back
+        empty = torch.zeros(0, dtype=torch.long)
+        return Tokenised(empty, torch.zeros(1, dtype=torch.long), empty, 0, False, 0, torch.zeros(0, dtype=torch.bool))
     calls = []
 
     def batch_fn(batch):
