@@ -3,7 +3,8 @@ cached on disk under a fingerprint of the texts, the tokenizer and max_length: a
 the same data with the same tokenizer reads the token ids back instead of tokenising again.
 
 The result is ragged storage (data/ragged.py) taken straight from the Arrow column, without a
-Python list per row.
+Python list per row. `tokenise_masked` caches a second ragged column beside the ids, a per-token
+mask (chat's assistant tokens), from an encoder that returns both.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Tokenised:
     truncated: int
     from_cache: bool  # read back from the cache: nothing was tokenised
     batches_tokenised: int  # map batches this process tokenised (0 when read from the cache or tokenised in workers)
+    mask: torch.Tensor | None = None  # bool per token (tokenise_masked); None from tokenise
 
 
 def tokenizer_key(tokenizer, family: str) -> str:
@@ -105,14 +107,9 @@ def tokenise(texts, encode: Callable[[list[str], int], list[list[int]]], key: st
     encode_flat (the bundle's column-wise encoder, when its tokenizer has one) gets each map batch
     as an Arrow column and returns flat ids with offsets: no Python list per row on either side."""
     import pyarrow as pa
-    from datasets import Dataset, Features, List, Value, disable_progress_bars
+    from datasets import Features, List, Value
 
-    disable_progress_bars()  # honed prints its own phase lines
     texts = as_column(texts)
-    fp = fingerprint(texts, key, max_length)
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    existed = any(folder.glob(f"{fp}*.arrow"))
     calls = []
 
     def batch_fn(batch):
@@ -135,19 +132,67 @@ def tokenise(texts, encode: Callable[[list[str], int], list[list[int]]], key: st
 
     # the column-wise encoder tokenises each distinct word once: worker processes would only repeat that
     workers = min(4, free_cores()) if len(texts) >= PARALLEL_FROM_ROWS and encode_flat is None else 1
-    dataset = Dataset.from_dict({"text": texts})
-    if encode_flat is not None:
-        dataset = dataset.with_format("arrow")
-    out = dataset.map(flat_fn if encode_flat is not None else batch_fn, batched=True, batch_size=MAP_BATCH, remove_columns=["text"],
-                      features=Features({"ids": List(Value("int32")), "cut": Value("bool")}),
-                      cache_file_name=str(folder / f"{fp}.arrow"), load_from_cache_file=True, new_fingerprint=fp,
-                      num_proc=workers if workers > 1 else None)
-    out = out.with_format(None)
-    column = out.data.column("ids").combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64)
-    offsets = offsets - offsets[0]
+    out, existed = cached_map(texts, flat_fn if encode_flat is not None else batch_fn, fingerprint(texts, key, max_length),
+                              Features({"ids": List(Value("int32")), "cut": Value("bool")}), workers, arrow=encode_flat is not None)
+    values, offsets = ragged_column(out, "ids")
     truncated = int(np.asarray(out.data.column("cut").to_numpy(zero_copy_only=False)).sum())
     offsets_t = torch.from_numpy(offsets)
-    return Tokenised(torch.from_numpy(values), offsets_t, offsets_t[1:] - offsets_t[:-1], truncated,
+    return Tokenised(torch.from_numpy(values.astype(np.int64)), offsets_t, offsets_t[1:] - offsets_t[:-1], truncated,
                      from_cache=existed and not calls, batches_tokenised=len(calls))
+
+
+def tokenise_masked(texts, encode: Callable[[list[str]], tuple[list[list[int]], list[list[bool]]]], key: str, pad_id: int,
+                    parallel_from: int = PARALLEL_FROM_ROWS) -> Tokenised:
+    """Token ids and a per-token mask of each of `texts` (e.g. a conversation as JSON, which `encode`
+    renders), whole: nothing is cut, so one cache entry serves every max_length and the caller
+    counts what its cut drops. An empty encoding becomes one pad token, its mask False.
+
+    parallel_from: the rows from which the map runs on several processes (an encoder that renders
+    templates in Python pays for the workers' start much sooner than a Rust tokenizer does)."""
+    from datasets import Features, List, Value
+
+    texts = as_column(texts)
+    if len(texts) == 0:  # a map over no rows writes no columns to read back
+        empty = torch.zeros(0, dtype=torch.long)
+        return Tokenised(empty, torch.zeros(1, dtype=torch.long), empty, 0, False, 0, torch.zeros(0, dtype=torch.bool))
+    calls = []
+
+    def batch_fn(batch):
+        ids, masks = encode(batch["text"])
+        calls.append(len(ids))
+        return {"ids": [x if x else [pad_id] for x in ids], "mask": [m if x else [False] for x, m in zip(ids, masks)]}
+
+    workers = min(4, free_cores()) if len(texts) >= parallel_from else 1
+    out, existed = cached_map(texts, batch_fn, fingerprint(texts, key + "|masked-whole", 0),
+                              Features({"ids": List(Value("int32")), "mask": List(Value("bool"))}), workers)
+    values, offsets = ragged_column(out, "ids")
+    mask, _ = ragged_column(out, "mask")
+    offsets_t = torch.from_numpy(offsets)
+    return Tokenised(torch.from_numpy(values.astype(np.int64)), offsets_t, offsets_t[1:] - offsets_t[:-1], 0,
+                     from_cache=existed and not calls, batches_tokenised=len(calls), mask=torch.from_numpy(mask.astype(bool)))
+
+
+def cached_map(texts, fn: Callable, fp: str, features, workers: int, arrow: bool = False):
+    """(the mapped dataset, whether its cache file existed): `fn` over `texts` (an Arrow string column)
+    as a batched `Dataset.map` whose output is cached under the fingerprint `fp`."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()  # honed prints its own phase lines
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    existed = any(folder.glob(f"{fp}*.arrow"))
+    dataset = Dataset.from_dict({"text": texts})
+    if arrow:
+        dataset = dataset.with_format("arrow")
+    out = dataset.map(fn, batched=True, batch_size=MAP_BATCH, remove_columns=["text"], features=features,
+                      cache_file_name=str(folder / f"{fp}.arrow"), load_from_cache_file=True, new_fingerprint=fp,
+                      num_proc=workers if workers > 1 else None)
+    return out.with_format(None), existed
+
+
+def ragged_column(dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets from 0) of a list column of a mapped dataset, straight from its Arrow buffers."""
+    column = dataset.data.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    return values, offsets - offsets[0]

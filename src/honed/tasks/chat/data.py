@@ -128,6 +128,8 @@ def audit_chat(splits: TextSplits, encoded: dict, max_length: int, packing: bool
            "format": format_of(splits),
            "sources": {n["split"]: n["sources"] for n in splits.notes if n.get("code") == "sources"},
            "tool_conversations": {name: int(f["tools"].notna().sum()) if "tools" in f else 0 for name, f in frames.items()}}
+    if encoded:  # read back from the tokenisation cache (tasks/chat/encoding.py): nothing was rendered or tokenised
+        out["tokenisation"] = {k: {"conversations": len(v), "from_cache": v.from_cache} for k, v in encoded.items()}
     train = encoded.get("train")
     if train is not None and packing:
         rows = pack_rows(train.lengths.tolist(), max_length)

@@ -1,6 +1,6 @@
-"""Chat (instruction fine-tuning of a causal LM): render conversations with the chat template,
-train only on assistant tokens, pack short conversations, score perplexity, measure forgetting
-as perplexity and hidden-state drift on reference text, and generate replies.
+"""Chat (instruction fine-tuning of a causal LM): render conversations with the chat template
+(encoding.py, cached across runs), train only on assistant tokens, pack short conversations, score
+perplexity, measure forgetting as perplexity and hidden-state drift on reference text, and generate replies.
 
 Layout of a batch: `input_ids`, `position_ids` (restarting at 0 for every conversation in a
 packed row) and `targets` (the token id where the token is an assistant token the model must
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +31,8 @@ from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
 from .attention import flatten, segmented, supports
 from .data import pack_rows, validate_messages
+# the encoding (and its cache) lives in encoding.py; these names are re-exported for the task table and callers
+from .encoding import EncodedChat, conversation_token_counter, encode_conversations, render_with_mask
 from .loss import last_hidden, scored_positions, split_model, summed_nll, token_scores
 
 IGNORE = -100
@@ -40,117 +41,14 @@ GENERATION_TOKENS = 32
 PRIMARY = "neg_perplexity"
 
 
-@dataclass
-class EncodedChat:
-    """Token ids and assistant masks of every conversation, stored flat with offsets."""
-
-    flat: torch.Tensor  # token ids
-    mask: torch.Tensor  # bool, True where the token is a training target
-    offsets: torch.Tensor
-    lengths: torch.Tensor
-    truncated: int = 0
-    dropped_tokens: int = 0
-    dropped_assistant_tokens: int = 0
-    no_target: int = 0
-    max_length: int = 128
-    packing: bool = True
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.flat[a:b], self.mask[a:b]
-
-
-# --------------------------------------------------------------------------- rendering and the assistant mask
-
-def _template_text(tokenizer) -> str:
-    template = tokenizer.chat_template
-    return template if isinstance(template, str) else json.dumps(template)
-
-
-def render_with_mask(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation, and True for each token of an assistant reply
-    (its content and the template's end-of-turn marker, not the role header), tool-call turns
-    included; `tools` (the functions the conversation may call) go to the template's tool support.
-
-    With `{% generation %}` markers in the template, transformers' own assistant mask is used;
-    otherwise the assistant spans are found by rendering prefixes: the text before reply i is
-    the conversation up to i with the generation prompt, the text through reply i is the
-    conversation up to and including it; both must be prefixes of the full rendering.
-    """
-    template = _template_text(tokenizer)
-    if "generation %}" in template:
-        enc = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        return list(enc["input_ids"]), [bool(x) for x in enc["assistant_masks"]]
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
-        if not (text.startswith(before) and text.startswith(through) and len(through) >= len(before)):
-            raise RecipeError("data.chat_template: the template does not render a conversation prefix by prefix, so the assistant "
-                              "tokens cannot be located; use a template with {% generation %} markers around assistant replies")
-        spans.append((len(before), len(through)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = [any(a <= start < b for a, b in spans) and end > start for start, end in enc["offset_mapping"]]
-    return ids, mask
-
-
-def conversation_token_counter(tokenizer):
-    """count(frame) -> the tokens of each conversation (its `messages`, and `tools` when present) as the
-    chat template renders them, uncut: what `data.mix_by: tokens` weighs a mixture with."""
-    def count(frame: pd.DataFrame) -> list[int]:
-        tools = frame["tools"].tolist() if "tools" in frame else [None] * len(frame)
-        texts = [tokenizer.apply_chat_template(m, tools=t, tokenize=False) for m, t in zip(frame["messages"], tools)]
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-
-    return count
-
-
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int, packing: bool,
-                         tools: list | None = None) -> EncodedChat:
-    """Render and tokenise once; conversations longer than max_length are cut and counted.
-    tools: per conversation, the functions it may call (None: none)."""
-    if "tool" not in _template_text(tokenizer) and any(m.get("tool_calls") or m["role"] == "tool" for c in conversations for m in c):
-        raise RecipeError("data.chat_template: the conversations call tools but the chat template has no tool support (it never "
-                          "mentions tools); give data.chat_template a template that renders tool_calls and the tool role")
-    all_ids, all_mask, lengths = [], [], []
-    truncated = dropped = dropped_assistant = no_target = 0
-    for k, messages in enumerate(conversations):
-        ids, mask = render_with_mask(tokenizer, messages, tools[k] if tools is not None else None)
-        if len(ids) > max_length:
-            truncated += 1
-            dropped += len(ids) - max_length
-            dropped_assistant += sum(mask[max_length:])
-            ids, mask = ids[:max_length], mask[:max_length]
-        if not ids:
-            ids, mask = [tokenizer.pad_token_id], [False]
-        mask[0] = False  # the first token has nothing before it to be predicted from
-        if not any(mask):
-            no_target += 1
-        all_ids.extend(ids)
-        all_mask.extend(mask)
-        lengths.append(len(ids))
-    return _encoded(all_ids, all_mask, lengths, truncated, dropped, dropped_assistant, no_target, max_length, packing)
-
-
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> EncodedChat:
     """Plain text for language modelling (the reference set): every token after the first is a target."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     ids = [x if x else [tokenizer.pad_token_id] for x in ids]
     masks = [[False] + [True] * (len(x) - 1) for x in ids]
-    return _encoded([t for x in ids for t in x], [m for x in masks for m in x], [len(x) for x in ids], 0, 0, 0, 0, max_length, False)
-
-
-def _encoded(ids, mask, lengths, truncated, dropped, dropped_assistant, no_target, max_length, packing) -> EncodedChat:
-    flat, offsets, lengths_t = ragged.pack(ids, lengths)
-    return EncodedChat(flat, torch.tensor(mask, dtype=torch.bool), offsets, lengths_t,
-                       truncated, dropped, dropped_assistant, no_target, max_length, packing)
+    flat, offsets, lengths = ragged.pack([t for x in ids for t in x], [len(x) for x in ids])
+    return EncodedChat(flat, torch.tensor([m for x in masks for m in x], dtype=torch.bool), offsets, lengths,
+                       max_length=max_length, packing=False)
 
 
 def encode(bundle, frame, labels, recipe) -> EncodedChat:

@@ -177,4 +177,7 @@ def audit_pairs(splits: PreferenceSplits, encoded: dict | None, max_length: int)
         if leaked:
             findings.append({"level": "warn", "code": "leakage", "split": name,
                              "message": f"{leaked} {name} prompt(s) also appear in train; the {name} figures are optimistic"})
-    return {"task": "preference", "findings": findings, "splits": summary, "max_length": max_length}
+    out = {"task": "preference", "findings": findings, "splits": summary, "max_length": max_length}
+    if encoded:  # read back from the tokenisation cache (tasks/chat/encoding.py): nothing was rendered or tokenised
+        out["tokenisation"] = {k: {"pairs": len(v), "from_cache": v.from_cache} for k, v in encoded.items()}
+    return out

@@ -28,7 +28,8 @@ from ...data.batching import batch_plan
 from ...errors import DataError
 from ...train.loop import Batches
 from ...train.precision import autocast, fit_threads
-from ..chat.model import IGNORE, render_with_mask
+from ..chat.encoding import encode_whole, row_sums
+from ..chat.model import IGNORE
 
 PRIMARY = "preference_accuracy"
 KL_PAIRS = 128  # pairs per split whose first-reply-token distribution is kept for the KL (128 × vocab × 2 bytes)
@@ -63,52 +64,50 @@ class EncodedPairs:
     truncated: int = 0
     identical_after_truncation: int = 0
     max_length: int = 256
+    from_cache: bool = False  # the ids and masks were read back from the tokenisation cache: nothing was rendered
 
     def __len__(self) -> int:
         return len(self.lengths) // 2
 
 
-def final_reply_mask(mask: list[bool]) -> list[bool]:
-    """Only the last contiguous run of assistant tokens: the reply being judged, not earlier assistant turns."""
-    out = [False] * len(mask)
-    i = len(mask) - 1
-    while i >= 0 and not mask[i]:
-        i -= 1
-    while i >= 0 and mask[i]:
-        out[i] = True
-        i -= 1
-    return out
-
-
 def encode_pairs(tokenizer, frame, max_length: int, objective: Objective) -> EncodedPairs:
-    ids_all, mask_all, lengths, kept = [], [], [], []
-    truncated = identical = 0
+    """Each pair's two sequences (prompt + reply) rendered and tokenised once, and across runs through the
+    chat cache (chat/encoding.py), the mask kept to the final reply; sequences longer than max_length are cut
+    (and counted); pairs the cut makes identical are dropped (and counted)."""
     wheres = frame["where"].tolist() if "where" in frame.columns else [f"pair {i + 1}" for i in range(len(frame))]
-    for row, (prompt, chosen, rejected, where) in enumerate(zip(frame["prompt"], frame["chosen"], frame["rejected"], wheres)):
-        pair = []
-        for reply in (chosen, rejected):
-            ids, mask = render_with_mask(tokenizer, prompt + [{"role": "assistant", "content": reply}])
-            mask = final_reply_mask(mask)
-            first = mask.index(True) if True in mask else len(ids)
-            if first >= max_length - 1:
-                raise DataError(f"{where}: the prompt is {first} tokens, leaving no room for the reply within data.max_length={max_length}; "
-                                "raise data.max_length or shorten the prompt")
-            if len(ids) > max_length:
-                truncated += 1
-                ids, mask = ids[:max_length], mask[:max_length]
-            mask[0] = False
-            pair.append((ids, mask))
-        if pair[0][0] == pair[1][0]:
-            identical += 1
-            continue
-        for ids, mask in pair:
-            ids_all.extend(ids)
-            mask_all.extend(mask)
-            lengths.append(len(ids))
-        kept.append(row)
-    flat, offsets, lengths_t = ragged.pack(ids_all, lengths)
-    return EncodedPairs(flat, torch.tensor(mask_all, dtype=torch.bool), offsets, lengths_t, torch.tensor(kept, dtype=torch.long),
-                        objective, None, None, truncated, identical, max_length)
+    sequences = [prompt + [{"role": "assistant", "content": reply}]
+                 for prompt, chosen, rejected in zip(frame["prompt"], frame["chosen"], frame["rejected"]) for reply in (chosen, rejected)]
+    whole = encode_whole(tokenizer, sequences, final_reply=True)
+    offsets, lengths, mask = whole.offsets.numpy(), whole.lengths.numpy(), whole.mask.numpy()
+    marked = np.append(np.flatnonzero(mask), np.iinfo(np.int64).max)  # reply tokens' positions, then a sentinel
+    at_or_after = marked[np.searchsorted(marked, offsets[:-1])]  # each sequence's first reply token, if it is its own
+    first = np.where(at_or_after < offsets[1:], at_or_after - offsets[:-1], lengths)  # where the reply starts (none: the length)
+    crowded = np.flatnonzero(first >= max_length - 1)
+    if len(crowded):
+        s = int(crowded[0])
+        raise DataError(f"{wheres[s // 2]}: the prompt is {int(first[s])} tokens, leaving no room for the reply within "
+                        f"data.max_length={max_length}; raise data.max_length or shorten the prompt")
+    keep = np.minimum(lengths, max_length)
+    cut_offsets = ragged.offsets_of(torch.from_numpy(keep)).numpy()
+    at = ragged.spans(offsets[:-1], keep)
+    ids, targets = whole.flat.numpy()[at], mask[at].copy()
+    targets[cut_offsets[:-1]] = False  # the first token has nothing before it to be predicted from
+    kept = pair_differs(ids, cut_offsets, keep)
+    seqs = np.stack([2 * kept, 2 * kept + 1], 1).reshape(-1)
+    at = ragged.spans(cut_offsets[:-1][seqs], keep[seqs])
+    flat, offsets_t, lengths_t = torch.from_numpy(ids[at]), ragged.offsets_of(torch.from_numpy(keep[seqs])), torch.from_numpy(keep[seqs])
+    return EncodedPairs(flat, torch.from_numpy(targets[at]), offsets_t, lengths_t, torch.from_numpy(kept), objective, None, None,
+                        int((lengths > max_length).sum()), len(frame) - len(kept), max_length, whole.from_cache)
+
+
+def pair_differs(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The pairs (sequences 2i and 2i+1 of the ragged `ids`) whose two sequences differ."""
+    chosen, rejected = lengths[0::2], lengths[1::2]
+    same_length = np.flatnonzero(chosen == rejected)
+    n = chosen[same_length]
+    unequal = ids[ragged.spans(offsets[0:-1:2][same_length], n)] != ids[ragged.spans(offsets[1:-1:2][same_length], n)]
+    identical = same_length[row_sums(unequal, ragged.offsets_of(torch.from_numpy(n)).numpy()) == 0]
+    return np.setdiff1d(np.arange(len(chosen)), identical).astype(np.int64)
 
 
 def encode(bundle, frame, labels, recipe) -> EncodedPairs:
