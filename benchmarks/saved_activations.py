@@ -23,11 +23,17 @@ def main() -> None:
     parser.add_argument("model", help="folder of a causal LM saved with save_pretrained")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens in the one flattened row")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 removes peft's dropped copies)")
+    parser.add_argument("--peft-dropout", action="store_true",
+                        help="keep peft's nn.Dropout (a saved float mask) instead of honed's SeededDropout (methods/dropout.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32", attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if not args.peft_dropout:
+        from honed.methods.dropout import replace_adapter_dropout
+
+        replace_adapter_dropout(model)  # as honed's lora method does
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, str] = {}
     per_op: dict[str, int] = defaultdict(int)
