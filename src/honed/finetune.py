@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 import math
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from .checks.budget import GuardBudget
 from .data.batching import shuffled_plan
 from .hooks import Hooks
+from .memory import process_peak_rss_mb
 from .methods import METHODS, checkpointing
 from .methods.lora import save_adapter
 from .models.capture import head_inputs
@@ -101,7 +101,7 @@ class FineTuner:
                                             progress, on_eval, group, hooks, max_steps=max_steps)
             history[:] = previous + outcome.history
             outcomes.append(outcome)
-        self.training_peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.training_peak_rss_mb = process_peak_rss_mb()
         if adapter_dir is not None and spec["adapter"] is not None and spec["adapter"](recipe):
             save_adapter(model, adapter_dir)
         if spec["export"] is not None:

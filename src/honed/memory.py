@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 from dataclasses import dataclass
 
 import psutil
@@ -220,6 +221,11 @@ def block_activation_bytes(shape: dict, plan: Plan, rows: int) -> float:
     if plan.method in ("lora", "qlora"):
         elements += LORA_EXTRA_H * h + LORA_EXTRA_I * i
     return tokens * elements * per
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident memory so far (getrusage's ru_maxrss), in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def activation_bytes(model: nn.Module, plan: Plan, rows: int) -> float:

@@ -8,7 +8,6 @@ checks/ and guards/. Read `run_stages` top to bottom: that is a whole run.
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .guards import data_curve
 from .guards.bias import group_representation
 from .guards.status import skipped
 from .hooks import Hooks
-from .memory import available_mb
+from .memory import available_mb, process_peak_rss_mb
 from .methods import METHODS
 from .models.load import save_model
 from .models.meta_load import on_meta
@@ -300,7 +299,7 @@ def assemble_metrics(session: Session, model, trained: Trained, before: dict, te
         "guards": guards,
         "confusion_matrix": extra.pop("confusion_matrix"),
         "timing": {"train_seconds": round(train_seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 2),
-                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": peak_rss_mb(), "training_peak_rss_mb": trained.peak_rss_mb,
+                   "wall_seconds": round(time.time() - started, 2), "peak_rss_mb": process_peak_rss_mb(), "training_peak_rss_mb": trained.peak_rss_mb,
                    "training_peak_rss_mb_per_process": trained.rank_peaks_mb,
                    "threads": threads,
                    "memory_estimate_mb": round(session.memory_estimate["total_mb"], 1),
@@ -320,10 +319,6 @@ def distributed_figures(trained: Trained) -> dict:
     """FSDP: each process's local parameter and optimizer-state sizes (metrics.json run.shards)."""
     shards = [o.shards for o in trained.outcomes if o.shards is not None]
     return {"shards": shards[-1]} if shards else {}
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def build_report(run_dir: Path) -> None:
