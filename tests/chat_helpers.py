@@ -32,6 +32,17 @@ GENERAL = [
 ]
 
 
+# the test tokenizer's template with tool support, written as Hugging Face templates are: tools listed
+# up front, an assistant tool call rendered as <tool_call>{json}</tool_call>, a tool turn as its content
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def conversation(rng: random.Random) -> dict:
     product = rng.choice(PRODUCTS)
     problem = rng.choice(list(PROBLEMS))

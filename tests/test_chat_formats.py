@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from chat_helpers import build_tokenizer  # sets HF_HUB_OFFLINE before anything imports huggingface_hub
+from chat_helpers import TOOL_TEMPLATE, build_tokenizer  # sets HF_HUB_OFFLINE before anything imports huggingface_hub
 from honed.errors import DataError
 from honed.session import check_audit, prepare
 
-# the test tokenizer's template with tool support, written as Hugging Face templates are: tools listed
-# up front, an assistant tool call rendered as <tool_call>{json}</tool_call>, a tool turn as its content
-TOOL_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}<|end|>{% endif %}"
-    "{% for m in messages %}<|{{ m['role'] }}|>"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
-    "{% else %}{{ m['content'] }}{% endif %}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 TOOLS = [{"type": "function", "function": {"name": "order_status", "description": "Look up an order",
                                            "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}}]
 

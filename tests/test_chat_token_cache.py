@@ -13,20 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from chat_helpers import TEMPLATE, build_tiny_llama, build_tokenizer, conversation, write_chat_recipe
+from chat_helpers import TEMPLATE, TOOL_TEMPLATE, build_tiny_llama, build_tokenizer, conversation, write_chat_recipe
 from helpers import cli
 from honed.errors import DataError, RecipeError
 from honed.tasks.chat import encoding
 from honed.tasks.chat.model import encode_conversations, render_with_mask
 from honed.tasks.preference.model import Objective, encode_pairs
 
-TOOL_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}<|end|>{% endif %}"
-    "{% for m in messages %}<|{{ m['role'] }}|>"
-    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
-    "{% else %}{{ m['content'] }}{% endif %}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 TOOLS = [{"type": "function", "function": {"name": "order_status", "parameters": {"type": "object"}}}]
 DPO = Objective("dpo", 0.1, 0.0, 0.0)
 
