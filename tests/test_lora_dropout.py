@@ -1,6 +1,7 @@
 """methods/dropout.py: LoRA's input dropout without a saved mask. The same distribution as nn.Dropout,
 exact gradients from the mask drawn again, masks that follow the run's seed and replay under gradient
-checkpointing, nothing saved for the backward pass, and every peft LoRA layer's dropout swapped."""
+checkpointing, nothing saved for the backward pass, and every peft LoRA layer's dropout swapped (fused into
+the adapter's first matrix, which then saves its undropped input and no dropped copy)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-from honed.methods.dropout import SeededDropout, replace_adapter_dropout
+from honed.methods.dropout import DroppedLinear, SeededDropout, replace_adapter_dropout
+
+
+def saved_storages(fn, x: torch.Tensor) -> dict[int, int]:
+    """Bytes of each distinct storage autograd saves while fn(x) runs, by storage address."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return saved
 
 
 def saved_bytes(fn, x: torch.Tensor) -> int:
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
-        fn(x)
-    return sum(saved)
+    return sum(saved_storages(fn, x).values())
 
 
 def test_same_distribution_as_dropout():
@@ -79,9 +90,10 @@ def test_every_adapter_dropout_is_swapped_and_replays_under_checkpointing():
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         assert replace_adapter_dropout(model) == 2 * 7
-        dropouts = [m for layer in model.modules() if isinstance(getattr(layer, "lora_dropout", None), nn.ModuleDict)
-                    for m in layer.lora_dropout.values()]
-        assert len(dropouts) == 14 and all(type(m) is SeededDropout and m.p == 0.25 for m in dropouts)
+        layers = [layer for layer in model.modules() if isinstance(getattr(layer, "lora_dropout", None), nn.ModuleDict)]
+        assert len(layers) == 14
+        assert all(type(layer.lora_dropout["default"]) is nn.Identity for layer in layers)
+        assert all(type(layer.lora_A["default"]) is DroppedLinear and layer.lora_A["default"].p == 0.25 for layer in layers)
         model.train()
         ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
         torch.manual_seed(11)
@@ -97,3 +109,48 @@ def test_every_adapter_dropout_is_swapped_and_replays_under_checkpointing():
     torch.manual_seed(11)
     undropped(input_ids=ids, labels=ids).loss.backward()
     assert any(not torch.allclose(p.grad, plain[n]) for n, p in undropped.named_parameters() if p.grad is not None)
+
+
+def unfused_reference(x: torch.Tensor, linear: nn.Linear, p: float, seed: int) -> torch.Tensor:
+    """lora_A(dropout(x)) as two steps with the mask DroppedLinear draws for `seed` (SeededDropout's, drawn the same way)."""
+    from honed.methods.dropout import keep_mask
+
+    return linear(x * keep_mask(x.shape, p, seed, x))
+
+
+def test_the_fused_adapter_matrix_equals_dropout_then_matrix():
+    torch.manual_seed(2)
+    linear = nn.Linear(48, 6, bias=False)
+    fused = DroppedLinear(linear, 0.3).train()
+    assert fused.weight is linear.weight, "the same parameter, so the optimizer, merging and saving see lora_A as before"
+    assert list(dict(fused.named_parameters())) == ["weight"]
+    x = torch.randn(3, 20, 48, requires_grad=True)
+    grad = torch.randn(3, 20, 6)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    torch.manual_seed(5)
+    out = fused(x)
+    out.backward(grad)
+    fused_grads = x.grad.clone(), linear.weight.grad.clone()
+    x.grad, linear.weight.grad = None, None
+    reference = unfused_reference(x, linear, 0.3, seed)
+    reference.backward(grad)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(fused_grads[0], x.grad)
+    torch.testing.assert_close(fused_grads[1], linear.weight.grad)
+    kept = (reference != 0).any()  # the mask drops something and keeps something
+    assert kept and not torch.allclose(out, linear(x)), "dropout in training mode changes the output"
+    fused.eval()
+    torch.testing.assert_close(fused(x), linear(x))
+    with pytest.raises(ValueError, match="bias-free"):
+        DroppedLinear(nn.Linear(4, 2), 0.1)
+
+
+def test_the_fused_adapter_matrix_saves_its_input_and_no_dropped_copy():
+    linear = nn.Linear(512, 8, bias=False)
+    x = torch.randn(256, 512, requires_grad=True)
+    fused_saved = saved_storages(DroppedLinear(linear, 0.1).train(), x)
+    assert set(fused_saved) == {x.untyped_storage().data_ptr(), linear.weight.untyped_storage().data_ptr()}
+    unfused_saved = saved_storages(lambda t: linear(SeededDropout(0.1).train()(t)), x)
+    assert x.untyped_storage().data_ptr() not in unfused_saved, "unfused, lora_A saves the dropped copy instead"
+    assert sum(unfused_saved.values()) - linear.weight.numel() * 4 >= x.numel() * 4
