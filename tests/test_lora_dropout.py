@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from honed.methods.dropout import DroppedLinear, SeededDropout, replace_adapter_dropout
+from honed.methods.dropout import DroppedLinear, SeededDropout, keep_probability, replace_adapter_dropout
 
 
 def saved_storages(fn, x: torch.Tensor) -> dict[int, int]:
@@ -34,8 +34,9 @@ def test_same_distribution_as_dropout():
     x = torch.rand(500, 500) + 0.5  # no zeros: a zero in the output is a dropped element
     y = SeededDropout(0.2).train()(x)
     kept = y != 0
+    assert keep_probability(0.2) == pytest.approx(0.8, abs=1e-5) and keep_probability(0.05) == pytest.approx(0.95, abs=1e-5)
     assert kept.float().mean().item() == pytest.approx(0.8, abs=0.005)
-    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    torch.testing.assert_close(y[kept], x[kept] / keep_probability(0.2))
     module = SeededDropout(0.2).eval()
     assert module(x) is x
     assert SeededDropout(0.0).train()(x) is x
@@ -49,7 +50,7 @@ def test_gradient_is_the_forward_mask_drawn_again():
     y = SeededDropout(0.3).train()(x)
     grad = torch.randn_like(y)
     y.backward(grad)
-    expected = torch.where(y != 0, grad / 0.7, torch.zeros_like(grad))
+    expected = torch.where(y != 0, grad / keep_probability(0.3), torch.zeros_like(grad))
     torch.testing.assert_close(x.grad, expected)
 
 
@@ -113,9 +114,9 @@ def test_every_adapter_dropout_is_swapped_and_replays_under_checkpointing():
 
 def unfused_reference(x: torch.Tensor, linear: nn.Linear, p: float, seed: int) -> torch.Tensor:
     """lora_A(dropout(x)) as two steps with the mask DroppedLinear draws for `seed` (SeededDropout's, drawn the same way)."""
-    from honed.methods.dropout import keep_mask
+    from honed.methods.dropout import dropped
 
-    return linear(x * keep_mask(x.shape, p, seed, x))
+    return linear(dropped(x, p, seed))
 
 
 def test_the_fused_adapter_matrix_equals_dropout_then_matrix():
@@ -154,3 +155,15 @@ def test_the_fused_adapter_matrix_saves_its_input_and_no_dropped_copy():
     unfused_saved = saved_storages(lambda t: linear(SeededDropout(0.1).train()(t)), x)
     assert x.untyped_storage().data_ptr() not in unfused_saved, "unfused, lora_A saves the dropped copy instead"
     assert sum(unfused_saved.values()) - linear.weight.numel() * 4 >= x.numel() * 4
+
+
+def test_every_16_bit_draw_is_uniform():
+    """Four draws come from each 64-bit random number: each of the four places keeps at the same rate (a
+    generator call that leaves the sign bit out would keep every element of one place at p = 0.5)."""
+    from honed.methods.dropout import keep_mask
+
+    for p in (0.05, 0.5):
+        mask = keep_mask(torch.Size([400_000]), p, seed=3, device=torch.device("cpu")).view(-1, 4).float()
+        for place in range(4):
+            assert mask[:, place].mean().item() == pytest.approx(keep_probability(p), abs=0.005)
+    assert not torch.equal(keep_mask(torch.Size([64]), 0.5, 1, torch.device("cpu")), keep_mask(torch.Size([64]), 0.5, 2, torch.device("cpu")))
