@@ -103,7 +103,12 @@ def freed_under_a_pin(size_mb):
 torch.ones(24 * MB, dtype=torch.uint8)  # freed at once: glibc raises its dynamic mmap threshold to 24 MB
 if sys.argv[1] == "return":
     allocator.return_freed_memory(torch.device("cpu"))
-print(freed_under_a_pin(20))
+if sys.argv[1] in ("keep", "keep-small"):
+    own = 4 * MB if sys.argv[1] == "keep-small" else None
+    with allocator.keep_freed_memory(torch.device("cpu"), own_mapping_from=own):
+        print(freed_under_a_pin(20), freed_under_a_pin(2))
+else:
+    print(freed_under_a_pin(20))
 """
 
 
@@ -113,8 +118,25 @@ def test_return_freed_memory_gives_freed_blocks_back_at_once():
     import subprocess
     import sys
 
-    def grown(mode: str) -> float:
-        return float(subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout)
+    def grown(mode: str) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout
+        return [float(x) for x in out.split()]
 
-    assert grown("dynamic") > 16
-    assert grown("return") < 8
+    assert grown("dynamic")[0] > 16
+    assert grown("return")[0] < 8
+
+
+def test_language_model_steps_keep_only_the_small_blocks():
+    """own_mapping_from: a freed block above it leaves RSS at once (its own mapping), one below it stays in
+    the heap for the next step; keeping everything keeps the large one too (and the small one reuses its hole)."""
+    import subprocess
+    import sys
+
+    def grown(mode: str) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout
+        return [float(x) for x in out.split()]
+
+    large, small = grown("keep-small")
+    assert large < 8 and small > 1.5
+    large, small = grown("keep")
+    assert large > 16 and small < 1

@@ -27,6 +27,7 @@ from .recipe import main_seed
 from .session import TRAIN_EVAL_ROWS, Session
 from .tasks.base import FeatureSplit
 from .train import distributed
+from .train.allocator import LANGUAGE_MODEL_OWN_MAPPING_FROM
 from .train.checkpoint import Checkpointer, StateOnDisk
 from .train.loop import Batches, LoopConfig, Outcome, train
 from .train.progress import quiet
@@ -131,6 +132,7 @@ class FineTuner:
                           device=s.device, group=group,
                           # checkpointing and FSDP are memory chosen over speed: freed buffers go back at once
                           memory_first=t.gradient_checkpointing is True or (group is not None and group.engine == "fsdp"),
+                          own_mapping_from=LANGUAGE_MODEL_OWN_MAPPING_FROM if s.bundle.family == "causal-lm" else None,
                           max_steps=t.max_steps if stage == "model" else None)
 
     def _train_model(self, bundle, model, train_split, train_eval, seed, checkpointer, progress, on_eval, group, hooks,

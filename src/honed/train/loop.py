@@ -47,6 +47,7 @@ class LoopConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: distributed.Group | None = None  # the processes sharing each batch (torchrun / accelerate launch)
     memory_first: bool = False  # gradient checkpointing or FSDP: return freed memory at once rather than keep it for speed
+    own_mapping_from: int | None = None  # keep only freed blocks below this many bytes (train/allocator.py; language models)
 
 
 @dataclass
@@ -343,7 +344,8 @@ def _run(s: dict, best, work: nn.Module, engine, batches: Batches, evaluate, cfg
     work.train()
     interval_start = time.perf_counter()
     step_loss = 0.0  # this process's share-weighted loss since the last optimizer step
-    with interrupt_flag() as interrupted, keep_freed_memory(cfg.device, return_at_once=cfg.memory_first):
+    with interrupt_flag() as interrupted, keep_freed_memory(
+            cfg.device, return_at_once=cfg.memory_first, own_mapping_from=cfg.own_mapping_from):
         while s["epoch"] < cfg.epochs and not s["stopped_early"] and s["step"] < total:
             plan = batches.plan(s["epoch"])
             while s["batch"] < len(plan):
