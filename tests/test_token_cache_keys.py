@@ -4,11 +4,15 @@ it prints (tasks/chat/encoding.py)."""
 
 from __future__ import annotations
 
+import random
 import uuid
+from datetime import datetime
 
 import pytest
 
+from chat_helpers import TEMPLATE, build_tokenizer, conversation
 from honed.data import tokens
+from honed.tasks.chat import encoding
 
 
 def word_lengths(texts: list[str], limit: int) -> list[list[int]]:
@@ -38,3 +42,47 @@ def test_encodings_that_differ_only_in_the_pad_id_do_not_share_an_entry(masked):
     assert other.flat[int(other.offsets[1])].item() == 7 and other.lengths.tolist() == [3, 1, 2]
     again = run(0)
     assert again.from_cache and again.flat[int(again.offsets[1])].item() == 0
+
+
+DATED = "{{ '<|system|>Today is ' + strftime_now('%d %B %Y') + '<|end|>' }}"  # a line Llama 3's template prints too
+
+
+@pytest.fixture(scope="module")
+def dated_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = DATED + TEMPLATE
+    return tokenizer
+
+
+def test_a_template_that_prints_the_date_is_keyed_on_the_date_it_prints(dated_tokenizer):
+    monday, later, tuesday = datetime(2031, 3, 3, 9), datetime(2031, 3, 3, 23, 59), datetime(2031, 3, 4, 0, 1)
+    assert encoding.printed_dates(dated_tokenizer.chat_template, monday) == ["03 March 2031"]
+    key = lambda now: encoding.cache_key(dated_tokenizer, False, now)  # noqa: E731
+    assert key(monday) == key(later) and key(monday) != key(tuesday)
+    before = datetime.now()
+    default = encoding.cache_key(dated_tokenizer, False)
+    assert default in (key(before), key(datetime.now())), "by default the key holds what strftime_now prints now"
+    plain = build_tokenizer()  # a template without strftime_now: one key whatever the day
+    assert encoding.cache_key(plain, False, monday) == encoding.cache_key(plain, False, tuesday)
+
+    # the rendering prints today's date; an entry written on one day is read back that day and missed the next
+    convs = [conversation(random.Random(9))["messages"] for _ in range(3)]
+    convs[0][0] = {**convs[0][0], "content": convs[0][0]["content"] + " " + uuid.uuid4().hex}
+    rendered = dated_tokenizer.decode(encoding.render_with_mask(dated_tokenizer, convs[0])[0])
+    assert any("Today is " + day.strftime("%d %B %Y") in rendered for day in (before, datetime.now()))
+
+    def encode(now):
+        return tokens.tokenise_masked(encoding.records(convs), encoding.conversation_encoder(dated_tokenizer), key(now),
+                                      dated_tokenizer.pad_token_id)
+
+    assert not encode(monday).from_cache
+    assert encode(later).from_cache, "the same day: the same date printed, the entry reused"
+    next_day = encode(tuesday)
+    assert not next_day.from_cache and next_day.batches_tokenised > 0, "another day: rendered anew"
+
+
+def test_a_date_format_that_is_not_a_literal_is_never_reused():
+    template = "{% set f = '%Y' %}{{ strftime_now(f) }}{{ strftime_now('%Y') }}"
+    now = datetime(2031, 3, 3, 9)
+    assert encoding.printed_dates(template, now) == [now.isoformat()]
+    assert encoding.printed_dates("{% if strftime_now is defined %}x{% endif %}", now) == [], "a test for it is no call"
