@@ -86,3 +86,13 @@ def test_a_date_format_that_is_not_a_literal_is_never_reused():
     now = datetime(2031, 3, 3, 9)
     assert encoding.printed_dates(template, now) == [now.isoformat()]
     assert encoding.printed_dates("{% if strftime_now is defined %}x{% endif %}", now) == [], "a test for it is no call"
+
+
+def test_named_templates_are_read_for_their_dates():
+    """A dict of named templates (default, tool_use) is keyed on what its templates print, as one template is."""
+    named = build_tokenizer()
+    double_quoted = DATED.replace("'%d %B %Y'", '"%d %B %Y"')  # as Llama 3's template writes it
+    named.chat_template = {"default": double_quoted + TEMPLATE, "tool_use": TEMPLATE}
+    monday, later = datetime(2031, 3, 3, 9), datetime(2031, 3, 3, 23, 59)
+    assert encoding.cache_key(named, False, monday) == encoding.cache_key(named, False, later)
+    assert encoding.cache_key(named, False, monday) != encoding.cache_key(named, False, datetime(2031, 3, 4, 9))

@@ -135,8 +135,9 @@ def cache_key(tokenizer, final_reply: bool, now: datetime | None = None) -> str:
     what the template's strftime_now calls print at `now` (default: this moment; see printed_dates)."""
     import transformers
 
-    template = template_text(tokenizer)
-    rendering = json.dumps([template, tokenizer.special_tokens_map, transformers.__version__, printed_dates(template, now)],
+    template = tokenizer.chat_template
+    sources = "\n".join(map(str, template.values())) if isinstance(template, dict) else str(template)  # unescaped, for the dates
+    rendering = json.dumps([template_text(tokenizer), tokenizer.special_tokens_map, transformers.__version__, printed_dates(sources, now)],
                            sort_keys=True, default=str)
     digest = hashlib.blake2b(rendering.encode(), digest_size=16).hexdigest()
     return tokens.tokenizer_key(tokenizer, "chat") + f"|{digest}" + CACHE_TAG + ("+final-reply" if final_reply else "")
