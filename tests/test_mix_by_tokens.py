@@ -97,13 +97,14 @@ def test_a_chat_mixture_by_tokens(llama, tmp_path):
     assert sources["long.jsonl"]["rows"] < 60 and sources["short.jsonl"]["rows"] == 200
 
 
-@pytest.mark.parametrize("task", ["tabular-classification", "text-classification"])
+@pytest.mark.parametrize("task", ["tabular-classification", "preference"])
 def test_mix_by_tokens_is_refused_where_a_task_does_not_count_tokens(tmp_path, task):
+    """(text-classification counts tokens too: tests/test_text_mix_by_tokens.py, with the other tasks that refuse.)"""
     a = tmp_path / "a.csv"
     make_texts(40, seed=1).to_csv(a, index=False)
     data = {"train": [{"path": str(a), "weight": 1.0}], "mix_by": "tokens"}
     if task == "tabular-classification":
         data["features"] = ["region"]
-    recipe = {"task": task, "model": "wordllama" if task == "text-classification" else {"architecture": "mlp"}, "data": data}
+    recipe = {"task": task, "model": "some/causal-lm" if task == "preference" else {"architecture": "mlp"}, "data": data}
     with pytest.raises(RecipeError, match=rf"^data.mix_by: tokens .* task {task} does not mix by .*remove data.mix_by or set it to examples$"):
         prepare(recipe)

@@ -29,7 +29,7 @@ from honed.recipe import Recipe
 from honed.serve.schemas import REQUEST_SCHEMAS
 from honed.session import prepare, setup
 from honed.tasks import TASKS
-from honed.tasks.base import Task
+from honed.tasks.base import TOKEN_MIXTURE_TASKS, Task
 
 
 def predict_text(run_dir: Path, recipe: dict, tmp: Path) -> tuple[Path, int]:
@@ -88,6 +88,7 @@ def test_every_task_has_a_case_and_the_recipe_knows_every_task_and_method():
     assert REQUEST_SCHEMAS == {name: t.request_schema for name, t in TASKS.items() if t.request_schema is not None}
     assert set(get_args(Recipe.model_fields["task"].annotation)) == set(TASKS)
     assert set(get_args(Recipe.model_fields["method"].annotation)) == set(METHODS)
+    assert set(TOKEN_MIXTURE_TASKS) <= set(TASKS), "data.mix_by: tokens names tasks of the table"
 
 
 @pytest.mark.parametrize("name", list(TASKS))

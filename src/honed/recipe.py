@@ -38,7 +38,7 @@ class DataSpec(Strict):
     test: str | list[SourceSpec] | None = None
     subset: str | None = None  # hf: sources: the dataset's configuration (load_dataset's `name`)
     split: str | None = None  # hf: sources and save_to_disk DatasetDicts: the split to read (default: train)
-    # a mixture's weights are shares of its examples, or (chat, causal-lm) of its tokens, counted with the run's tokenizer
+    # a mixture's weights are shares of its examples, or (chat, causal-lm, text-classification) of its tokens, counted with the run's tokenizer
     mix_by: Literal["examples", "tokens"] = "examples"
     format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"  # chat: the conversation format; auto: from the first rows
     text: str = "text"

@@ -1,6 +1,7 @@
 """Tokenisation through `datasets.Dataset.map` (batched, on several processes for large splits),
-cached on disk under a fingerprint of the texts, the tokenizer and max_length: a second run on
-the same data with the same tokenizer reads the token ids back instead of tokenising again.
+cached on disk under a fingerprint of the texts, the tokenizer, max_length and the pad id (an empty
+encoding is stored as one pad token): a second run on the same data with the same tokenizer reads
+the token ids back instead of tokenising again.
 
 The result is ragged storage (data/ragged.py) taken straight from the Arrow column, without a
 Python list per row. `tokenise_masked` caches a second ragged column beside the ids, a per-token
@@ -67,11 +68,13 @@ def as_column(texts):
     return texts.cast(pa.large_string()).fill_null("")
 
 
-def fingerprint(texts, key: str, max_length: int) -> str:
-    """A hash of the texts' bytes (the Arrow column's offsets and characters), the tokenizer and max_length."""
+def fingerprint(texts, key: str, max_length: int, pad_id: int) -> str:
+    """A hash of the texts' bytes (the Arrow column's offsets and characters), the tokenizer, max_length
+    and pad_id (the id an empty encoding is stored as: two tokenizers with the same vocabulary and rules
+    but different pad ids must not share an entry)."""
     column = as_column(texts)
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{CACHE_VERSION}|{key}|{max_length}|{len(column)}|".encode())
+    h.update(f"{CACHE_VERSION}|{key}|{max_length}|pad={pad_id}|{len(column)}|".encode())
     _, offsets_buffer, data = column.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[column.offset : column.offset + len(column) + 1]
     h.update((offsets - offsets[0]).tobytes())  # where each text ends: ["ab", "c"] is not ["a", "bc"]
@@ -132,7 +135,7 @@ def tokenise(texts, encode: Callable[[list[str], int], list[list[int]]], key: st
 
     # the column-wise encoder tokenises each distinct word once: worker processes would only repeat that
     workers = min(4, free_cores()) if len(texts) >= PARALLEL_FROM_ROWS and encode_flat is None else 1
-    out, existed = cached_map(texts, flat_fn if encode_flat is not None else batch_fn, fingerprint(texts, key, max_length),
+    out, existed = cached_map(texts, flat_fn if encode_flat is not None else batch_fn, fingerprint(texts, key, max_length, pad_id),
                               Features({"ids": List(Value("int32")), "cut": Value("bool")}), workers, arrow=encode_flat is not None)
     values, offsets = ragged_column(out, "ids")
     truncated = int(np.asarray(out.data.column("cut").to_numpy(zero_copy_only=False)).sum())
@@ -163,7 +166,7 @@ def tokenise_masked(texts, encode: Callable[[list[str]], tuple[list[list[int]], 
         return {"ids": [x if x else [pad_id] for x in ids], "mask": [m if x else [False] for x, m in zip(ids, masks)]}
 
     workers = min(4, free_cores()) if len(texts) >= parallel_from else 1
-    out, existed = cached_map(texts, batch_fn, fingerprint(texts, key + "|masked-whole", 0),
+    out, existed = cached_map(texts, batch_fn, fingerprint(texts, key + "|masked-whole", 0, pad_id),
                               Features({"ids": List(Value("int32")), "mask": List(Value("bool"))}), workers)
     values, offsets = ragged_column(out, "ids")
     mask, _ = ragged_column(out, "mask")

@@ -57,6 +57,18 @@ def logits_of(model: nn.Module, batch: dict) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+@dataclass
+class TextEncoder:
+    """A text classifier's tokenizer side without its weights (the same fields as its ModelBundle's):
+    what `data.mix_by: tokens` counts a mixture with before any model loads."""
+
+    family: str
+    tokenizer: object
+    encode: Callable[[list[str], int], list[list[int]]]  # texts, max_length → token ids
+    pad_id: int
+    encode_flat: Callable | None = None
+
+
 def find_head_name(model: nn.Module, num_labels: int) -> str:
     """The last nn.Linear producing num_labels outputs: BERT's classifier, RoBERTa's out_proj, Llama's score."""
     name = None

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import RecipeError
-from .bundle import ModelBundle, clip_texts, find_head_name
+from .bundle import ModelBundle, TextEncoder, clip_texts, find_head_name
 from .hf import hf_config, hf_tokenizer, reload_hf_dir
 from .quantise import CLASSIFIER_HEADS, attention_kwargs, is_quantised, load_settings, pretrained
 
@@ -24,6 +24,11 @@ def _hf_encoder(tokenizer):
         return tokenizer(clip_texts(texts, max_length), truncation=True, max_length=max_length)["input_ids"]
 
     return encode
+
+
+def hf_text_encoder(tokenizer) -> TextEncoder:
+    """A loaded tokenizer with the encoder and pad id a family "hf" bundle tokenises with."""
+    return TextEncoder(FAMILY, tokenizer, _hf_encoder(tokenizer), tokenizer.pad_token_id)
 
 
 def load_hf(source: str, labels: list[str], recipe=None) -> ModelBundle:

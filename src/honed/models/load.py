@@ -28,16 +28,16 @@ from torch import nn
 from ..errors import HonedError, RecipeError
 from ..fileio import fault, free_space, fsync_dir, fsync_file, write_advice, write_error_reason
 from . import causal_lm, forecast, hf_image, hf_text, mlp, wordllama
-from .bundle import HONED_MODEL_FILE, ModelBundle, logits_of, read_model_meta, relabel, run_model_dir
-from .hf import save_hf
+from .bundle import HONED_MODEL_FILE, ModelBundle, TextEncoder, logits_of, read_model_meta, relabel, run_model_dir
+from .hf import hf_tokenizer, quiet_transformers, save_hf
 from .hf_image import load_hf_image
-from .hf_text import load_hf
-from .wordllama import load_wordllama
+from .hf_text import hf_text_encoder, load_hf
+from .wordllama import load_wordllama, wordllama_encoder, wordllama_files
 
 # what callers import from here; logits_of, relabel and the loaders are re-exported from their homes
 __all__ = [
-    "FAMILIES", "HONED_MODEL_FILE", "ModelBundle", "load_hf", "load_hf_image", "load_pretrained", "load_saved",
-    "load_wordllama", "logits_of", "relabel", "run_model_dir", "save_model", "scratch_copy",
+    "FAMILIES", "HONED_MODEL_FILE", "ModelBundle", "TextEncoder", "load_hf", "load_hf_image", "load_pretrained", "load_saved",
+    "load_text_encoder", "load_wordllama", "logits_of", "relabel", "run_model_dir", "save_model", "scratch_copy",
 ]
 
 # family → save(bundle, model, folder) -> extra honed.json fields, reload(folder, meta) -> ModelBundle,
@@ -63,6 +63,29 @@ def load_pretrained(source: str, labels: list[str], recipe=None) -> ModelBundle:
     if honed_dir is not None:
         return relabel(load_saved(honed_dir), labels)
     return load_hf(source, labels, recipe)
+
+
+def load_text_encoder(source: str, recipe=None) -> TextEncoder:
+    """The tokenizer side of what `load_pretrained(source, ...)` would give, without loading the weights:
+    the same family, tokenizer, encoders and pad id, so it tokenises (and keys the tokenisation cache)
+    exactly as the bundle will."""
+    if source == "wordllama":
+        return wordllama_encoder(wordllama_files()[1])
+    path = Path(source)
+    if path.is_absolute() and not path.exists():
+        raise RecipeError(f"model: {source} does not exist; give a checkpoint folder, a Hub id, 'wordllama' or a honed run directory")
+    honed_dir = run_model_dir(path) if path.exists() else None
+    if honed_dir is None:
+        quiet_transformers()
+        return hf_text_encoder(hf_tokenizer(source, bool(recipe and recipe.trust_remote_code)))
+    family = read_model_meta(honed_dir)["family"]
+    if family == "wordllama":
+        return wordllama_encoder(honed_dir / "tokenizer.json")
+    if family == "hf":
+        quiet_transformers()
+        return hf_text_encoder(hf_tokenizer(str(honed_dir), False))
+    bundle = load_saved(honed_dir)  # another family's run: its own reload decides how it tokenises
+    return TextEncoder(bundle.family, bundle.tokenizer, bundle.encode, bundle.pad_id, bundle.encode_flat)
 
 
 def load_saved(model_dir: str | Path) -> ModelBundle:

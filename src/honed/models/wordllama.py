@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..fileio import write_safetensors_atomic
-from .bundle import HONED_MODEL_FILE, ModelBundle, clip_texts
+from .bundle import HONED_MODEL_FILE, ModelBundle, TextEncoder, clip_texts
 from .word_memo import memo_encoder
 
 FAMILY = "wordllama"
@@ -69,7 +69,8 @@ def wordllama_files() -> tuple[Path, Path]:
     return weights[0], tokenizers[0]
 
 
-def _wordllama_encoder(tokenizer_path: Path):
+def wordllama_encoder(tokenizer_path: Path) -> TextEncoder:
+    """The tokenizer in `tokenizer_path` (tokenizer.json) with its encoders and pad id, no weights."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_padding()
 
@@ -78,7 +79,11 @@ def _wordllama_encoder(tokenizer_path: Path):
         return [e.ids for e in tokenizer.encode_batch(clip_texts(texts, max_length))]
 
     pad = tokenizer.token_to_id("</s>")
-    return tokenizer, encode, (pad if pad is not None else 0), memo_encoder(tokenizer)
+    return TextEncoder(FAMILY, tokenizer, encode, pad if pad is not None else 0, memo_encoder(tokenizer))
+
+
+def _bundle(model: WordLlamaClassifier, enc: TextEncoder, labels: list[str], source: str) -> ModelBundle:
+    return ModelBundle(FAMILY, model, enc.encode, enc.pad_id, "classifier", labels, source, enc.tokenizer, encode_flat=enc.encode_flat)
 
 
 def load_wordllama(labels: list[str], recipe=None) -> ModelBundle:
@@ -87,8 +92,7 @@ def load_wordllama(labels: list[str], recipe=None) -> ModelBundle:
     model = WordLlamaClassifier(embedding.shape[0], embedding.shape[1], len(labels))
     with torch.no_grad():
         model.embedding.weight.copy_(embedding)
-    tokenizer, encode, pad, encode_flat = _wordllama_encoder(tokenizer_path)
-    return ModelBundle(FAMILY, model, encode, pad, "classifier", labels, "wordllama", tokenizer, encode_flat=encode_flat)
+    return _bundle(model, wordllama_encoder(tokenizer_path), labels, "wordllama")
 
 
 def save_wordllama(bundle: ModelBundle, model: nn.Module, out: Path) -> dict:
@@ -107,8 +111,7 @@ def reload_wordllama(model_dir: Path, meta: dict) -> ModelBundle:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RecipeError(f"model: {model_dir}/model.safetensors does not match {HONED_MODEL_FILE} ({str(exc).splitlines()[0]})") from None
-    tokenizer, encode, pad, encode_flat = _wordllama_encoder(model_dir / "tokenizer.json")
-    return ModelBundle(FAMILY, model, encode, pad, "classifier", meta["labels"], str(model_dir), tokenizer, encode_flat=encode_flat)
+    return _bundle(model, wordllama_encoder(model_dir / "tokenizer.json"), meta["labels"], str(model_dir))
 
 
 def scratch_wordllama(model: nn.Module) -> nn.Module:

@@ -118,14 +118,14 @@ class Task:
     tie_break: str | None = None  # a metric (lower is better) that decides between evaluations with equal primary metrics
 
 
-TOKEN_MIXTURE_TASKS = ("chat", "causal-lm")  # the tasks whose mixtures can be weighted by tokens (data.mix_by: tokens)
+TOKEN_MIXTURE_TASKS = ("chat", "causal-lm", "text-classification")  # the tasks whose mixtures can be weighted by tokens (data.mix_by: tokens)
 
 
 def refuse_mix_by_tokens(recipe) -> None:
     """`data.mix_by: tokens` in a task that does not count tokens when it mixes sources."""
     if recipe.data.mix_by == "tokens":
         raise RecipeError(f"data.mix_by: tokens weighs a mixture by the tokens of its rows, which task {recipe.task} does not mix by "
-                          f"(only {' and '.join(TOKEN_MIXTURE_TASKS)} do); remove data.mix_by or set it to examples")
+                          f"(only {', '.join(TOKEN_MIXTURE_TASKS)} do); remove data.mix_by or set it to examples")
 
 
 def mixture_counter(recipe, make: Callable[[Any], Callable]) -> Callable | None:

@@ -6,14 +6,17 @@ The cache holds each conversation whole (ids and mask as the template renders th
 data.max_length, and counting what the cut drops, happens after reading, so one cache entry serves
 every max_length. Its fingerprint covers each conversation's JSON (messages and tools), the
 tokenizer (vocabulary and rules, special tokens, chat template), the transformers version (its Jinja
-environment renders the template) and the masking rule (every assistant turn, or only the final reply).
+environment renders the template), the masking rule (every assistant turn, or only the final reply) and,
+for a template that prints the date (transformers' `strftime_now`, as Llama 3's does), what it prints now.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -25,6 +28,8 @@ from ...errors import RecipeError
 CACHE_TAG = "+chat-mask1"  # what this module adds to the tokenizer's cache key: the rendering and masking rules, version 1
 COUNT_CAP = 1 << 30  # tokens a conversation is counted to (data.mix_by: tokens): in effect uncut
 PARALLEL_FROM = 20_000  # conversations from which rendering runs on several processes (Jinja renders in Python)
+DATE_CALL = re.compile(r"strftime_now\s*\(")
+DATE_FORMAT = re.compile(r"""strftime_now\s*\(\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\)""")  # a call with a literal format
 
 
 @dataclass
@@ -108,12 +113,31 @@ def records(conversations: list[list[dict]], tools: list | None = None) -> list[
             for m, t in zip(conversations, tools)]
 
 
-def cache_key(tokenizer, final_reply: bool) -> str:
+def printed_dates(template: str, now: datetime | None = None) -> list[str]:
+    """What the template's `strftime_now(format)` calls print at `now` (default: this moment; transformers
+    formats datetime.now() the same way): a template that prints today's date renders every conversation
+    anew tomorrow, so the date belongs in the cache key. Date formats keep an entry for the day, formats with
+    the time for as long as the time they print. A call whose format is not a literal string is keyed on the
+    moment itself (to the microsecond: never reused). [] for a template that never calls it."""
+    calls = len(DATE_CALL.findall(template))
+    if not calls:
+        return []
+    now = now or datetime.now()
+    formats = [a or b for a, b in DATE_FORMAT.findall(template)]
+    if len(formats) < calls:
+        return [now.isoformat()]
+    return [now.strftime(f) for f in formats]
+
+
+def cache_key(tokenizer, final_reply: bool, now: datetime | None = None) -> str:
     """What decides a conversation's ids and mask besides its JSON: the tokenizer's vocabulary and rules, its
-    special tokens (templates print them), its chat template, the transformers version and the masking rule."""
+    special tokens (templates print them), its chat template, the transformers version, the masking rule and
+    what the template's strftime_now calls print at `now` (default: this moment; see printed_dates)."""
     import transformers
 
-    rendering = json.dumps([template_text(tokenizer), tokenizer.special_tokens_map, transformers.__version__],
+    template = tokenizer.chat_template
+    sources = "\n".join(map(str, template.values())) if isinstance(template, dict) else str(template)  # unescaped, for the dates
+    rendering = json.dumps([template_text(tokenizer), tokenizer.special_tokens_map, transformers.__version__, printed_dates(sources, now)],
                            sort_keys=True, default=str)
     digest = hashlib.blake2b(rendering.encode(), digest_size=16).hexdigest()
     return tokens.tokenizer_key(tokenizer, "chat") + f"|{digest}" + CACHE_TAG + ("+final-reply" if final_reply else "")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ...data.sources import load_split, source_name, sources_note
+from ...data.sources import TokenCounter, load_split, source_name, sources_note
 from ...data.split import carve, label_to_str
 from ...errors import DataError
 from ...recipe import DataSpec
@@ -101,13 +101,14 @@ def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: l
     return out
 
 
-def load_text_splits(spec: DataSpec, seed: int) -> TextSplits:
-    """Read train (and validation/test when given), validate, and carve the missing splits."""
+def load_text_splits(spec: DataSpec, seed: int, count_tokens: TokenCounter | None = None) -> TextSplits:
+    """Read train (and validation/test when given), validate, and carve the missing splits.
+    count_tokens: each row's tokens, when a mixture is weighed by tokens (data.mix_by: tokens)."""
     notes: list[dict] = []
 
     def read(role: str):
         loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
-                            lambda frame, name: _prepare(frame, spec, name, role, notes))
+                            lambda frame, name: _prepare(frame, spec, name, role, notes), count_tokens)
         notes.append(sources_note(loaded, role))
         return loaded.frame
 

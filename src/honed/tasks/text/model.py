@@ -35,17 +35,34 @@ class EncodedSplit:
         return len(self.lengths)
 
 
+def tokenise_texts(encoder, texts, max_length: int) -> tokens.Tokenised:
+    """`texts` tokenised through the cache by `encoder` (a ModelBundle, or the TextEncoder that
+    models.load.load_text_encoder gives before the model loads: the same fields, so the same cache
+    entries), each cut to max_length."""
+    texts = tokens.as_column(texts)  # Arrow-backed pandas columns pass without a Python string per row
+    return tokens.tokenise(texts, encoder.encode, tokens.tokenizer_key(encoder.tokenizer, encoder.family), max_length, encoder.pad_id,
+                           getattr(encoder, "encode_flat", None))
+
+
+def text_token_counter(encoder, max_length: int):
+    """count(frame) -> the tokens of each row's `text` as the classifier reads them (cut to max_length:
+    the tokens past it are never trained on): what `data.mix_by: tokens` weighs a mixture with. Counted
+    through the tokenisation cache, so a second run on the same sources tokenises nothing to count them."""
+    def count(frame) -> np.ndarray:
+        return tokenise_texts(encoder, frame["text"].array, max_length).lengths.numpy()
+
+    return count
+
+
 def encode(bundle: ModelBundle, texts, labels: list[str] | None, max_length: int) -> EncodedSplit:
     """Tokenise once (and, through the cache, once across runs); texts longer than max_length are
     cut and counted (never silently)."""
-    texts = tokens.as_column(texts)  # Arrow-backed pandas columns pass without a Python string per row
-    done = tokens.tokenise(texts, bundle.encode, tokens.tokenizer_key(bundle.tokenizer, bundle.family), max_length, bundle.pad_id,
-                           getattr(bundle, "encode_flat", None))
+    done = tokenise_texts(bundle, texts, max_length)
     if labels is not None:
         index = {label: i for i, label in enumerate(bundle.labels)}
         y = torch.tensor([index[label] for label in labels], dtype=torch.long)
     else:
-        y = torch.full((len(texts),), -1)
+        y = torch.full((len(done.lengths),), -1)
     return EncodedSplit(done.flat, done.offsets, done.lengths, y, done.truncated, done.from_cache)
 
 

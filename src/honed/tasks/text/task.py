@@ -6,17 +6,16 @@ from pathlib import Path
 
 from ...data.load import read_table
 from ...errors import DataError, RecipeError
-from ...models.load import load_pretrained, load_saved
+from ...models.load import load_pretrained, load_saved, load_text_encoder
 from ...models.quantise import refuse_unquantised
 from ...serve.schemas import ClassifierRequest
 from .. import labelled
-from ..base import CachedHead, Task, refuse_mix_by_tokens, refuse_series_model, saved_columns, saved_device_and_precision
+from ..base import CachedHead, Task, mixture_counter, refuse_series_model, saved_columns, saved_device_and_precision
 from . import data, model
 
 
 def check_recipe(recipe) -> None:
     refuse_series_model(recipe)
-    refuse_mix_by_tokens(recipe)
     if not isinstance(recipe.model, str):
         raise RecipeError("model: an architecture spec is for tabular tasks; text-classification needs a checkpoint, a Hub id or 'wordllama'")
     if recipe.method == "qlora" and recipe.model == "wordllama":
@@ -68,7 +67,8 @@ TASK = Task(
     default_family="hf",
     methods=("full", "head", "freeze", "lora", "qlora", "lp-ft"),
     check_recipe=check_recipe,
-    load_splits=lambda recipe: data.load_text_splits(recipe.data, recipe.train.seed),
+    load_splits=lambda recipe: data.load_text_splits(recipe.data, recipe.train.seed, mixture_counter(
+        recipe, lambda r: model.text_token_counter(load_text_encoder(r.model, r), r.data.max_length))),
     audit=audit,
     load_model=load_model,
     sequence_length=lambda recipe, module: recipe.data.max_length,
