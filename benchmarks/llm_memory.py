@@ -174,11 +174,13 @@ def activation_probe(model_dir: Path, checkpointing: bool, batch_size: int, max_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from honed.train.allocator import keep_freed_memory
+    from honed.methods.dropout import replace_adapter_dropout
+    from honed.train.allocator import LANGUAGE_MODEL_OWN_MAPPING_FROM, keep_freed_memory
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
+    replace_adapter_dropout(model)  # as honed's lora method does
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -191,9 +193,10 @@ def activation_probe(model_dir: Path, checkpointing: bool, batch_size: int, max_
         model.base_model.model.model(input_ids=ids[:1, :8], use_cache=False)
     Path("/proc/self/clear_refs").write_text("5")
     before = psutil.Process().memory_info().rss / 2**20
-    # the allocator setting honed's loop trains under (train/allocator.py): freed blocks kept for reuse
-    # without checkpointing, handed back at once with it
-    with keep_freed_memory(torch.device("cpu"), return_at_once=checkpointing):
+    # the allocator setting honed's loop trains a language model under (train/allocator.py): freed blocks
+    # under 4 MB kept for reuse without checkpointing, every one handed back at once with it
+    with keep_freed_memory(torch.device("cpu"), return_at_once=checkpointing,
+                           own_mapping_from=None if checkpointing else LANGUAGE_MODEL_OWN_MAPPING_FROM):
         hidden = model.base_model.model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         hidden.pow(2).mean().backward()
     return {"activation_mb": _vm_hwm_mb() - before}

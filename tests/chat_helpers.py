@@ -110,11 +110,11 @@ def build_tokenizer(with_template: bool = True):
     return tokenizer
 
 
-def build_tiny_llama(folder: Path, with_template: bool = True) -> Path:
+def build_tiny_llama(folder: Path, with_template: bool = True, layers: int = 2) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(with_template)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     from helpers import save_seeded_checkpoint

@@ -39,10 +39,12 @@ GATED_FULL_H, GATED_FULL_I = 10, 4  # full fine-tuning: 10·hidden + 4·intermed
 # What a process's RSS grows by over what autograd saves: the backward's gradient buffers and the
 # heap's holes (measured: a 500M Llama's LoRA step peaked 1.3x the saved tensors' bytes above its weights and logits).
 ALLOCATOR_FACTOR = 1.3
-# peft's adapters add their dropped inputs and low-rank inputs; the same with 4-bit base layers (qlora, counted likewise).
-# Measured with benchmarks/saved_activations.py on the 125M Llama at 512 tokens: 539 MiB saved with peft's nn.Dropout
-# (8·hidden + 1·intermediate here), 387 MiB with methods/dropout.py's SeededDropout, which saves no mask
-LORA_EXTRA_H, LORA_EXTRA_I = 1, 0
+# LoRA/QLoRA against full fine-tuning: the frozen base layers save no inputs for weight gradients, the adapters
+# save their (undropped, shared: methods/dropout.py DroppedLinear) inputs and low-rank outputs; the same with 4-bit
+# base layers. Measured with benchmarks/saved_activations.py on the 125M Llama at 512 tokens: 539 MiB saved with
+# peft's nn.Dropout (8·hidden + 1·intermediate above full), 387 MiB with a seeded dropout that saves no mask (+1·hidden),
+# 315 MiB with the dropout fused into the adapter's first matrix (−3.2·hidden)
+LORA_EXTRA_H, LORA_EXTRA_I = -3, 0
 # Logits: the forward holds the logits and log_softmax's output (the chat loss shifts the targets, not
 # the logits), the backward a gradient while the first are freed: 3.5 copies were measured as peak RSS
 # over a step with the shifted copy, one fewer without it
