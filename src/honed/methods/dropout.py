@@ -10,10 +10,11 @@ block has its own dropout, so the masks are about a sixth of what a LoRA forward
 SeededDropout draws the same distribution (each element kept with probability 1 - p, p rounded
 to a multiple of 1/65,536, and scaled by one over the keep rate) from a generator seeded per
 call, saves only the seed, and draws the mask again in the backward. The draws are 16 bits
-each, four to a 64-bit random number: a quarter of the generator's work of `torch.rand` (the
-mask had been a fifth of a 125M LoRA step's time), and a one-byte mask instead of a float one. The seed comes from torch's default generator, so a run's masks
-follow its seed, and gradient checkpointing, which restores that generator's state before it
-recomputes a block, replays the same masks.
+each, four to a 64-bit random number: a quarter of the generator's work of `torch.rand`, and a
+one-byte mask instead of a float one (a 2048 x 768 mask 19.0 -> 8.6 ms; the 125M LoRA chat
+benchmark 103 -> 118 tokens/s, benchmarks/RESULTS.md). The seed comes from torch's default
+generator, so a run's masks follow its seed, and gradient checkpointing, which restores that
+generator's state before it recomputes a block, replays the same masks.
 
 Where the dropout feeds a plain LoRA adapter (peft's `lora_B(lora_A(dropout(x)))`), the two are
 fused: DroppedLinear, in lora_A's place, applies the mask and the matrix in one autograd step and
