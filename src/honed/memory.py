@@ -39,6 +39,14 @@ GATED_FULL_H, GATED_FULL_I = 10, 4  # full fine-tuning: 10·hidden + 4·intermed
 # What a process's RSS grows by over what autograd saves: the backward's gradient buffers and the
 # heap's holes (measured: a 500M Llama's LoRA step peaked 1.3x the saved tensors' bytes above its weights and logits).
 ALLOCATOR_FACTOR = 1.3
+# Language models train keeping only freed blocks under 4 MB in the heap (train/allocator.py), which leaves fewer
+# holes: with 1.3 the estimate was 1.26x the 1.1B LoRA peak and 1.34x the 1.1B QLoRA one (benchmarks/RESULTS.md)
+LANGUAGE_MODEL_ALLOCATOR_FACTOR = 1.15
+
+
+def allocator_factor(plan) -> float:
+    """What RSS holds beyond the saved tensors, for this plan's allocator setting."""
+    return LANGUAGE_MODEL_ALLOCATOR_FACTOR if plan.family == "causal-lm" else ALLOCATOR_FACTOR
 # LoRA/QLoRA against full fine-tuning: the frozen base layers save no inputs for weight gradients, the adapters
 # save their (undropped, shared: methods/dropout.py DroppedLinear) inputs and low-rank outputs; the same with 4-bit
 # base layers. Measured with benchmarks/saved_activations.py on the 125M Llama at 512 tokens: 539 MiB saved with
@@ -240,13 +248,13 @@ def activation_bytes(model: nn.Module, plan: Plan, rows: int) -> float:
     if not (shape["layers"] and shape["hidden"]):
         width = max((m.out_features for m in model.modules() if isinstance(m, nn.Linear)), default=256)
         return 6 * rows * max(plan.seq_len, 1) * width * 4
-    block = block_activation_bytes(shape, plan, rows) * ALLOCATOR_FACTOR
+    block = block_activation_bytes(shape, plan, rows) * allocator_factor(plan)
     depth = shape["layers"]
     if plan.method == "freeze":  # nothing below the first trained block is kept for the backward
         n = depth // 2 if plan.freeze_layers == "half" else min(int(plan.freeze_layers), depth)
         depth -= n
     if plan.gradient_checkpointing:
-        return depth * rows * plan.seq_len * shape["hidden"] * per * CHECKPOINTED_PER_HIDDEN + 2 * block / ALLOCATOR_FACTOR
+        return depth * rows * plan.seq_len * shape["hidden"] * per * CHECKPOINTED_PER_HIDDEN + 2 * block / allocator_factor(plan)
     return (depth + 1) * block
 
 
@@ -277,7 +285,7 @@ def estimate_training_memory(model: nn.Module, plan: Plan) -> dict:
         logits = CHUNKED_LOGIT_COPIES * min(CHUNKED_LOGITS_BYTES, rows * plan.seq_len * shape["vocab"] * 4) + gathered
         # with the logits this small the evaluation batch's own pass counts: one block's temporaries at eval_rows
         # (no autograd: one block at a time), measured 344 MB at 16 x 256 tokens on a 125M Llama, as this counts
-        eval_pass = block_activation_bytes(shape, plan.but(method="full"), plan.eval_rows) * ALLOCATOR_FACTOR if shape["layers"] else 0
+        eval_pass = block_activation_bytes(shape, plan.but(method="full"), plan.eval_rows) * allocator_factor(plan) if shape["layers"] else 0
         eval_logits = CHUNKED_LOGIT_COPIES * min(CHUNKED_LOGITS_BYTES, plan.eval_rows * plan.seq_len * shape["vocab"] * 4) + eval_pass
     held_weights, held_grads, held_optimizer = weights, gradients, optimizer
     if plan.fsdp and world > 1:
