@@ -112,16 +112,18 @@ else:
 """
 
 
-def test_return_freed_memory_gives_freed_blocks_back_at_once():
-    """Gradient checkpointing's mode, in a fresh process (the heap's state is the process's): a freed
-    20 MB buffer under a live one leaves RSS at once; with glibc's dynamic threshold it stays."""
+def grown(mode: str) -> list[float]:
+    """PIN_SCRIPT's RSS growths in a fresh process (the heap's state is the process's)."""
     import subprocess
     import sys
 
-    def grown(mode: str) -> list[float]:
-        out = subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout
-        return [float(x) for x in out.split()]
+    out = subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout
+    return [float(x) for x in out.split()]
 
+
+def test_return_freed_memory_gives_freed_blocks_back_at_once():
+    """Gradient checkpointing's mode, in a fresh process (the heap's state is the process's): a freed
+    20 MB buffer under a live one leaves RSS at once; with glibc's dynamic threshold it stays."""
     assert grown("dynamic")[0] > 16
     assert grown("return")[0] < 8
 
@@ -129,13 +131,6 @@ def test_return_freed_memory_gives_freed_blocks_back_at_once():
 def test_language_model_steps_keep_only_the_small_blocks():
     """own_mapping_from: a freed block above it leaves RSS at once (its own mapping), one below it stays in
     the heap for the next step; keeping everything keeps the large one too (and the small one reuses its hole)."""
-    import subprocess
-    import sys
-
-    def grown(mode: str) -> list[float]:
-        out = subprocess.run([sys.executable, "-c", PIN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout
-        return [float(x) for x in out.split()]
-
     large, small = grown("keep-small")
     assert large < 8 and small > 1.5
     large, small = grown("keep")

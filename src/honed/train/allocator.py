@@ -73,10 +73,10 @@ def keep_freed_memory(device: torch.device, return_at_once: bool = False, own_ma
     own_mapping_from (bytes; language-model steps) keeps only the smaller blocks: larger ones get
     their own mapping, unmapped when freed. glibc 2.36 serves PyTorch's 64-byte-aligned requests
     with a padded chunk, so a freed activation buffer is slightly too small for the next request
-    of the same size, and small allocations split the holes further: in a 125M Llama's LoRA step
-    at 4 x 512 tokens the heap grew 3.7 GB for 1.3 GB of live tensors (benchmarks/RESULTS.md).
-    From 4 MB up on their own mappings it grew 1.7 GB, at ~8 % more step time (the pages faulted
-    in again each step) where keeping everything had been 2.8 times the live bytes.
+    of the same size, and small allocations split the holes further: over three LoRA steps of a
+    125M Llama at 4 x 512 tokens the heap grew 2.7-3.7 GB for 1.3 GB of live tensors, and 1.6-1.7
+    GB with blocks from 4 MB up on their own mappings, at 8-10 % more step time (the pages faulted
+    in again each step; benchmarks/heap_growth.py, figures in benchmarks/RESULTS.md).
 
     return_at_once (gradient checkpointing, where memory comes before speed) does the opposite:
     every block over 128 KB gets its own mmap and goes back to the system when freed. glibc's
