@@ -163,6 +163,25 @@ def matmul_flops(dtype_name: str, n: int = 2048, seconds: float = 2.0) -> float:
 
 # --------------------------------------------------------------------------- contestants
 
+def probe_model(model_dir: str, qlora: bool = False):
+    """A causal LM in fp32 with SDPA attention for the activation and heap probes; qlora: its linear layers in
+    4-bit NF4 with double quantisation and fp32 compute, through peft's prepare_model_for_kbit_training, as
+    honed's `method: qlora` loads it on a CPU without bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", attn_implementation="sdpa")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", attn_implementation="sdpa",
+                                                 quantization_config=quantisation, device_map="cpu")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

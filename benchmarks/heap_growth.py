@@ -10,16 +10,20 @@ train/allocator.py: `keep` (every freed block kept in the heap, what classifiers
 `mmapN` (blocks from N MB up on their own mappings). A 3 ms sampler reads mallinfo2 and
 /proc/self/statm; prints the heap's growth (arena + mapped), the live bytes' growth and RSS's,
 and the wall time of each step. Run each setting in its own process: the heap is the process's.
+`--qlora` loads the base in 4-bit NF4 as `method: qlora` does (the adapters the same).
 """
 import argparse
 import ctypes
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import probe_model  # noqa: E402
 from honed.methods.dropout import replace_adapter_dropout
 from honed.train.allocator import LANGUAGE_MODEL_OWN_MAPPING_FROM, keep_freed_memory
 
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("model", help="folder of a causal LM saved with save_pretrained")
     parser.add_argument("setting", help="keep | language-model | mmapN (N in MB)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per row (4 rows)")
+    parser.add_argument("--qlora", action="store_true", help="the base in 4-bit NF4, as method: qlora (benchmarks/common.py probe_model)")
     args = parser.parse_args()
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
@@ -49,7 +54,7 @@ def main() -> None:
     elif args.setting not in ("keep", "language-model"):
         parser.error(f"setting: expected keep, language-model or mmapN, got {args.setting!r}")
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32", attn_implementation="sdpa")
+    model = probe_model(args.model, qlora=args.qlora)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
     replace_adapter_dropout(model)  # as honed's lora method does

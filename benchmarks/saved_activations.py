@@ -5,15 +5,19 @@
 Runs one forward of `--tokens` tokens (one flattened row, fp32, LoRA r 16 / alpha 32 / dropout 0.05 on
 every projection, as benchmarks/chat_sft.py) under `torch.autograd.graph.saved_tensors_hooks` and sums,
 per grad_fn name, the bytes of every distinct storage autograd keeps for backward. Weights (parameters)
-are excluded: they exist anyway. No logits and no backward are run: the table is the per-layer
+are excluded: they exist anyway. `--qlora`: the base in 4-bit NF4 as `method: qlora` loads it. No logits and no backward are run: the table is the per-layer
 activations only. The op names are approximate (see the comment in main).
 """
 import argparse
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import probe_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -25,9 +29,11 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (0 removes peft's dropped copies)")
     parser.add_argument("--peft-dropout", action="store_true",
                         help="keep peft's nn.Dropout (a saved float mask) instead of honed's SeededDropout (methods/dropout.py)")
+    parser.add_argument("--qlora", action="store_true",
+                        help="the base in 4-bit NF4 (bitsandbytes, fp32 compute) and peft's prepare_model_for_kbit_training, as method: qlora")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32", attn_implementation="sdpa")
+    model = probe_model(args.model, qlora=args.qlora)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     if not args.peft_dropout:

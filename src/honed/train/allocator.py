@@ -67,6 +67,27 @@ def return_freed_memory(device: torch.device) -> None:
 
 
 @contextmanager
+def mapped_while_loading():
+    """While the block runs, every CPU block over 128 KB gets its own mapping, unmapped when freed.
+
+    A quantised load reads each full-precision weight into a buffer, quantises it and frees it; with
+    glibc's dynamic threshold (raised to the size of the first large buffer freed) the later buffers
+    came from the heap and left holes there that the small quantised tensors split: loading a 1.1B
+    Llama in 4-bit left 435 MB free in the heap, resident, and peaked 383 MB higher (1,973 against
+    1,590 MB with this; /proc/self/status and mallinfo2 after the load). The threshold is left where
+    the dynamic one settles (32 MB) afterwards."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX)
+
+
+@contextmanager
 def keep_freed_memory(device: torch.device, return_at_once: bool = False, own_mapping_from: int | None = None):
     """While the block runs, freed CPU tensors stay in the C heap for reuse instead of being unmapped.
 
