@@ -164,21 +164,26 @@ def matmul_flops(dtype_name: str, n: int = 2048, seconds: float = 2.0) -> float:
 # --------------------------------------------------------------------------- contestants
 
 def probe_model(model_dir: str, qlora: bool = False):
-    """A causal LM in fp32 with SDPA attention for the activation and heap probes; qlora: its linear layers in
-    4-bit NF4 with double quantisation and fp32 compute, through peft's prepare_model_for_kbit_training, as
-    honed's `method: qlora` loads it on a CPU without bf16."""
+    """A causal LM in fp32 with SDPA attention for the activation and heap probes; qlora: loaded as honed's
+    `method: qlora` loads it (models/quantise.py: its quantisation settings with the recipe defaults, fp32
+    compute, the pread load), then peft's prepare_model_for_kbit_training as methods/qlora.py runs it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if not qlora:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", attn_implementation="sdpa")
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
+    from types import SimpleNamespace
 
-    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", attn_implementation="sdpa",
-                                                 quantization_config=quantisation, device_map="cpu")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from honed.models.quantise import pretrained, quantisation_kwargs
+    from honed.recipe import QloraSpec
+
+    settings = quantisation_kwargs(SimpleNamespace(method="qlora", qlora=QloraSpec()), "fp32", torch.device("cpu"))
+    model = pretrained(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING, model_dir, AutoConfig.from_pretrained(model_dir),
+                       settings, attn_implementation="sdpa")
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

@@ -5,8 +5,8 @@
 Runs one forward of `--tokens` tokens (one flattened row, fp32, LoRA r 16 / alpha 32 / dropout 0.05 on
 every projection, as benchmarks/chat_sft.py) under `torch.autograd.graph.saved_tensors_hooks` and sums,
 per grad_fn name, the bytes of every distinct storage autograd keeps for backward. Weights (parameters)
-are excluded: they exist anyway. `--qlora`: the base in 4-bit NF4 as `method: qlora` loads it. No logits and no backward are run: the table is the per-layer
-activations only. The op names are approximate (see the comment in main).
+are excluded: they exist anyway. No logits and no backward are run: the table is the per-layer
+activations only. `--qlora`: the base in 4-bit NF4 as `method: qlora` loads it. The op names are approximate (see the comment in main).
 """
 import argparse
 import sys

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -149,14 +149,12 @@ def pretrained(model_class, mapping, source: str, config, load: dict, **kwargs):
     in flight, never the fp32 file. The folder's name and generation config are put back on the model
     (a PEFT adapter names its base by it). mapping: the auto class's config → model class table (the
     concrete class is needed: the auto classes refuse a state dict without a folder)."""
-    quantised = "quantization_config" in load
-    if not quantised:
-        return _pretrained(model_class, mapping, source, config, load, **kwargs)
-    with mapped_while_loading():  # each fp32 buffer its own mapping: no holes left in the heap (train/allocator.py)
-        return _pretrained(model_class, mapping, source, config, load, **kwargs)
+    # quantising: each fp32 buffer read gets its own mapping, so none leaves a hole in the heap (train/allocator.py)
+    with mapped_while_loading() if "quantization_config" in load else nullcontext():
+        return _read_pretrained(model_class, mapping, source, config, load, **kwargs)
 
 
-def _pretrained(model_class, mapping, source: str, config, load: dict, **kwargs):
+def _read_pretrained(model_class, mapping, source: str, config, load: dict, **kwargs):
     quantised = "quantization_config" in load
     files = local_safetensors(source) if quantised else []
     remote = bool(kwargs.get("trust_remote_code") and getattr(config, "auto_map", None))  # the auto class picks the remote code
