@@ -22,7 +22,9 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_contract_tiny_bert(method, recipe_factory, tiny_bert, tmp_path):
-    recipe = recipe_factory(method=method)
+    # qlora learns more slowly through the 4-bit rounding of this random tiny model: at 6 epochs its test accuracy
+    # sat at 0.67 on an avx512 EPYC (0.96 at 10 epochs; lora 0.92 at 6), so it gets 10
+    recipe = recipe_factory(method=method, **({"train.epochs": 10} if method == "qlora" else {}))
     result = honed.run(str(recipe), show_progress=False)
     run_dir = result.run_dir
     for name in RUN_FILES:

@@ -17,6 +17,7 @@ pytest.importorskip("bitsandbytes")
 from chat_helpers import build_tiny_llama, write_chat_recipe, write_conversations  # noqa: E402
 from helpers import cli  # noqa: E402
 from honed.errors import RecipeError  # noqa: E402
+from honed.models.quantise import keep_training_layout  # noqa: E402
 from honed.methods import METHODS  # noqa: E402
 from honed.models.quantise import check_bitsandbytes  # noqa: E402
 from honed.session import prepare, setup  # noqa: E402
@@ -65,6 +66,17 @@ def test_base_is_quantised_and_only_adapters_learn(tmp_path, tiny_llama, convers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert with_grad and with_grad == trainable and all("lora_" in n for n in with_grad)
 
+    # an evaluation pass (eval mode, no grad) between training steps leaves the base as it was trained on
+    before = [layer.weight.data.clone() for layer in base_layers]
+    model.eval()
+    with torch.no_grad():
+        session.task.loss(model, batch)
+    model.train()
+    assert all(torch.equal(layer.weight.data, kept) for layer, kept in zip(base_layers, before))
+    model.zero_grad()
+    session.task.loss(model, batch).backward()  # on avx512_bf16 CPUs bitsandbytes' repacking made this step fail
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+
 
 @pytest.mark.slow  # they share a 4-bit run: ~45 s
 def test_qlora_run_learns_and_exports_a_plain_model(qlora_run):
@@ -92,6 +104,7 @@ def test_merged_export_matches_the_adapter_on_the_quantised_base(qlora_run, tiny
     quantised = AutoModelForCausalLM.from_pretrained(
         tiny_llama, device_map="cpu", quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    keep_training_layout(quantised)  # on avx512_bf16 CPUs bitsandbytes would repack these 32-wide layers, and fail
     adapted = PeftModel.from_pretrained(quantised, run_dir / "adapter").eval()
     ids = torch.randint(3, merged.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

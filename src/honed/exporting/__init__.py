@@ -74,7 +74,7 @@ def write_adapter(run_dir: Path, meta: dict, folder: Path, dtype: str, rows: int
     from transformers import AutoModelForCausalLM
 
     from ..models.load import load_saved
-    from ..models.quantise import quantisation_kwargs
+    from ..models.quantise import keep_training_layout, quantisation_kwargs
 
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         raise RecipeError(f"--format adapter: {run_dir} kept no adapter; runs with method: qlora keep one, and method: lora with "
@@ -88,6 +88,8 @@ def write_adapter(run_dir: Path, meta: dict, folder: Path, dtype: str, rows: int
     # a QLoRA adapter was trained on the quantised base: it is verified on the same base
     load_kwargs = quantisation_kwargs(recipe, "fp32", torch.device("cpu")) if recipe.method == "qlora" else {}
     base = AutoModelForCausalLM.from_pretrained(base_name, **load_kwargs)
+    if load_kwargs:
+        keep_training_layout(base)  # the layout the adapter was trained on (not bitsandbytes' bf16 inference repacking)
     adapted = PeftModel.from_pretrained(base, str(folder)).eval()
     a = task.predict(merged.model.eval(), sample, merged.pad_id, 32, "fp32", torch.device("cpu")).float()
     b = task.predict(adapted, sample, merged.pad_id, 32, "fp32", torch.device("cpu")).float()

@@ -151,7 +151,21 @@ def pretrained(model_class, mapping, source: str, config, load: dict, **kwargs):
     concrete class is needed: the auto classes refuse a state dict without a folder)."""
     # quantising: each fp32 buffer read gets its own mapping, so none leaves a hole in the heap (train/allocator.py)
     with mapped_while_loading() if "quantization_config" in load else nullcontext():
-        return _read_pretrained(model_class, mapping, source, config, load, **kwargs)
+        loaded = _read_pretrained(model_class, mapping, source, config, load, **kwargs)
+    if "quantization_config" in load:
+        keep_training_layout(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference. On a CPU with avx512_bf16, Linear4bit's
+    first forward in eval mode under no_grad (honed's validation pass) rewrites the weight in place into a
+    bf16 inference layout; the next training step then fails in matmul_4bit ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation"), and layers narrower than the 64-value quantisation
+    block fail at the repacking itself. Measured with bitsandbytes 0.50 on an AMD EPYC with avx512_bf16."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _read_pretrained(model_class, mapping, source: str, config, load: dict, **kwargs):
