@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +87,10 @@ def test_carve_picks_the_rows_the_frame_wise_split_picked():
         got_rest, got_carved, stratified = carve(frame, fraction, "label", 4)
         assert got_rest.equals(rest.reset_index(drop=True)) and got_carved.equals(carved.reset_index(drop=True))
         assert stratified == (stratify is not None)
+        # the text task's Arrow tables: the same rows, in the same order
+        table_rest, table_carved, _ = carve(pa.Table.from_pandas(frame, preserve_index=False), fraction, "label", 4)
+        assert table_rest["text"].to_pylist() == got_rest["text"].tolist()
+        assert table_carved["text"].to_pylist() == got_carved["text"].tolist()
 
 
 def test_the_audits_arrow_counts_are_pandas_counts():
@@ -94,8 +99,11 @@ def test_the_audits_arrow_counts_are_pandas_counts():
     rng = np.random.default_rng(1)
     train = pd.DataFrame({"text": rng.choice([f"text {i}" for i in range(400)], 1000), "label": rng.choice(["x", "y"], 1000)})
     other = pd.DataFrame({"text": rng.choice([f"text {i}" for i in range(300, 700)], 200), "label": "x"})
-    duplicates, conflicting = duplicate_texts(train)
+    def table(frame):
+        return pa.Table.from_pandas(frame, preserve_index=False)
+
+    duplicates, conflicting = duplicate_texts(table(train))
     assert duplicates == int(train.duplicated(subset=["text"]).sum())
     assert conflicting == int((train.groupby("text")["label"].nunique() > 1).sum())
-    assert shared_texts(text_column(other), text_column(train)) == int(other["text"].isin(set(train["text"])).sum())
-    assert duplicate_texts(train.drop_duplicates("text")) == (0, 0)
+    assert shared_texts(text_column(table(other)), text_column(table(train))) == int(other["text"].isin(set(train["text"])).sum())
+    assert duplicate_texts(table(train.drop_duplicates("text"))) == (0, 0)

@@ -37,7 +37,7 @@ def test_a_folder_of_shards_is_read_whole(tmp_path, kind):
     _, splits = prepare(recipe(str(folder)))
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 180
     expected = pd.concat([make_texts(60, seed=i) for i in range(3)])
-    assert sorted(pd.concat([splits.train, splits.validation, splits.test])["text"]) == sorted(expected["text"])
+    assert sorted(pd.concat([s.to_pandas() for s in (splits.train, splits.validation, splits.test)])["text"]) == sorted(expected["text"])
 
 
 def test_a_glob_reads_the_matching_shards_only(tmp_path):
@@ -79,16 +79,16 @@ def test_a_mixture_keeps_each_source_share_deterministically(tmp_path):
     make_texts(200, seed=2).assign(text=lambda f: "b " + f["text"]).to_csv(b, index=False)
     mixture = [{"path": str(a), "weight": 0.7}, {"path": str(b), "weight": 0.3}]
     resolved, splits = prepare(recipe(mixture))
-    whole = pd.concat([splits.train, splits.validation, splits.test])
+    whole = pd.concat([s.to_pandas() for s in (splits.train, splits.validation, splits.test)])
     from_a = whole["text"].str.startswith("a ").sum()
     assert from_a == 200 and len(whole) == 286  # a is used whole; b gives 30 % of the mixture
     audit = check_audit(resolved, splits)
     shares = {Path(s["source"]).name: s["share"] for s in audit["sources"]["train"]}
     assert shares == {"a.csv": pytest.approx(0.7, abs=0.01), "b.csv": pytest.approx(0.3, abs=0.01)}
     _, again = prepare(recipe(mixture))
-    assert again.train["text"].tolist() == splits.train["text"].tolist()
+    assert again.train["text"].to_pylist() == splits.train["text"].to_pylist()
     _, other_seed = prepare({**recipe(mixture), "train": {"seed": 5}})
-    assert other_seed.train["text"].tolist() != splits.train["text"].tolist()
+    assert other_seed.train["text"].to_pylist() != splits.train["text"].to_pylist()
 
 
 def test_a_mixture_of_sources_with_different_columns_is_refused(tmp_path):
@@ -126,3 +126,50 @@ def test_the_second_tokenisation_of_the_same_texts_reads_the_cache():
     assert first.flat[:8].tolist() == direct[0][:8] and int(first.lengths[-1]) == max(1, len(direct[1]))
     other = tokenise(texts, bundle.encode, tokenizer_key(bundle.tokenizer, bundle.family), 9, bundle.pad_id)
     assert not other.from_cache and other.batches_tokenised > 0  # another max_length is another fingerprint
+
+
+# --------------------------------------------------------------------------- text splits stay Arrow tables
+
+@pytest.mark.parametrize("form", ["parquet", "shards", "saved", "csv"])
+def test_text_splits_are_arrow_tables_with_the_sources_rows(tmp_path, form):
+    import pyarrow as pa
+
+    frame = make_texts(120, seed=5)
+    frame["region"] = ["north", None, "south"] * 40
+    if form == "parquet":
+        frame.index = frame.index + 1000  # a saved pandas index is the frame's index, not a column
+        frame.to_parquet(source := tmp_path / "train.parquet")
+    elif form == "shards":
+        (source := tmp_path / "parts").mkdir()
+        frame.iloc[:60].to_parquet(source / "a.parquet")
+        frame.iloc[60:].to_parquet(source / "b.parquet")
+    elif form == "saved":
+        from datasets import Dataset
+
+        Dataset.from_pandas(frame, preserve_index=False).save_to_disk(str(source := tmp_path / "saved"))
+    else:
+        frame.to_csv(source := tmp_path / "train.csv", index=False)
+    if form == "parquet":
+        from honed.data.load import read_arrow_table
+
+        assert read_arrow_table(source).column_names == ["text", "label", "region"]
+    _, splits = prepare(recipe(str(source), groups=["region"]))
+    parts = (splits.train, splits.validation, splits.test)
+    assert all(isinstance(p, pa.Table) for p in parts)
+    assert all(p.column_names == ["text", "label", "region"] for p in parts)
+    assert all(pa.types.is_large_string(p.schema.field("text").type) for p in parts)
+    whole = pd.concat([p.to_pandas() for p in parts], ignore_index=True)
+    expected = {(t, str(l), "(missing)" if pd.isna(r) else r) for t, l, r in zip(frame["text"], frame["label"], frame["region"])}
+    assert len(whole) == 120 and set(zip(whole["text"], whole["label"], whole["region"])) == expected
+
+
+def test_a_json_column_of_numbers_and_strings_is_read_as_text(tmp_path):
+    """Arrow cannot type a column holding 1 and "one"; such a column is kept as the values' text."""
+    rows = make_texts(60, seed=6)
+    labels = ["1" if label == "pos" else "neg" for label in rows["label"]]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(f'{{"text": "{t}", "label": {1 if l == "1" else chr(34) + l + chr(34)}}}\n'
+                            for t, l in zip(rows["text"], labels)))
+    _, splits = prepare(recipe(str(path)))
+    assert splits.labels == ["1", "neg"]
+    assert sum(len(p) for p in (splits.train, splits.validation, splits.test)) == 60

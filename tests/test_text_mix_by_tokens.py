@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer
 
@@ -78,14 +79,14 @@ def test_by_tokens_each_source_makes_up_its_share_of_the_tokens(lengths):
     # by examples: as many rows from each, so the long source holds most of the tokens
     examples = by_source(check_audit(examples_recipe, by_examples))
     assert examples["long.csv"]["rows"] == examples["short.csv"]["rows"] == 150 and "tokens" not in examples["long.csv"]
-    whole = pd.concat([by_examples.train, by_examples.validation, by_examples.test])
+    whole = pd.concat([s.to_pandas() for s in (by_examples.train, by_examples.validation, by_examples.test)])
     long_texts = set(pd.read_csv(lengths[0])["text"])
     kept_long = whole["text"][whole["text"].isin(long_texts)].tolist()
     share = wordllama_tokens(kept_long) / wordllama_tokens(whole["text"].tolist())
     assert share > 0.8, f"by examples the long source holds {share:.0%} of the tokens"
 
     # the counts are the tokenizer's own: the long rows kept by tokens hold the tokens the audit says
-    kept = pd.concat([by_tokens.train, by_tokens.validation, by_tokens.test])["text"]
+    kept = pd.concat([s.to_pandas() for s in (by_tokens.train, by_tokens.validation, by_tokens.test)])["text"]
     assert wordllama_tokens(kept[kept.isin(long_texts)].tolist()) == sources["long.csv"]["tokens"]
     assert wordllama_tokens(pd.read_csv(lengths[1])["text"].tolist()) == sources["short.csv"]["tokens_available"]
 
@@ -94,8 +95,8 @@ def test_by_tokens_is_deterministic_per_seed(lengths):
     _, first = prepare(text_recipe(lengths, "tokens"))
     _, again = prepare(text_recipe(lengths, "tokens"))
     _, other = prepare(text_recipe(lengths, "tokens", seed=5))
-    assert first.train["text"].tolist() == again.train["text"].tolist()
-    assert sorted(first.train["text"]) != sorted(other.train["text"])
+    assert first.train["text"].to_pylist() == again.train["text"].to_pylist()
+    assert sorted(first.train["text"].to_pylist()) != sorted(other.train["text"].to_pylist())
 
 
 class Counting:
@@ -124,10 +125,10 @@ def test_counts_come_from_the_cache_the_splits_are_encoded_through(source, reque
     frame = sentences(40, (3, 30), seed=3, marker=uuid.uuid4().hex[:12])  # texts no cache has seen
     counting = Counting(load_text_encoder(model_source))
     count = model.text_token_counter(counting.encoder, MAX_LENGTH)
-    counts = count(frame)
+    counts = count(pa.Table.from_pandas(frame, preserve_index=False))  # the text task's splits are Arrow tables
     assert counting.calls > 0 and len(counts) == 40 and counts.max() > 10
     counting.calls = 0
-    assert count(frame).tolist() == counts.tolist() and counting.calls == 0, "a second count tokenises nothing"
+    assert count(pa.Table.from_pandas(frame, preserve_index=False)).tolist() == counts.tolist() and counting.calls == 0, "a second count tokenises nothing"
 
     # the model's bundle keys the cache as the tokenizer alone did: encoding the same texts reads the counted entry
     bundle = load_pretrained(model_source, ["neg", "pos"])

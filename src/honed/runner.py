@@ -18,6 +18,7 @@ from .checks.budget import GuardBudget, GuardClock, note_budget
 from .checks.curve import data_guard, learning_curve
 from .checks.export import export_guard
 from .checks.seeds import seed_spread
+from .data import rows as row_access
 from .errors import RecipeError, TrainingInterrupted
 from .fileio import write_json_atomic
 from .finetune import FineTuner, needs_pristine_again
@@ -230,8 +231,13 @@ def run_audit(session: Session) -> dict:
     recipe, splits = session.recipe, session.splits
     audit = session.task.audit(recipe, splits, session.bundle, session.encoded)
     if recipe.data.groups:
-        label = "label" if "label" in splits.train.columns else None  # chat and preference have no labels
-        audit["groups"] = group_representation(splits.train, recipe.data.groups, label, recipe.guards.min_group_size)
+        names = row_access.column_names(splits.train)
+        label = "label" if "label" in names else None  # chat and preference have no labels
+        needed = list(dict.fromkeys([*recipe.data.groups, *([label] if label else [])]))
+        # only the columns it counts (not a million texts); with one missing, no rows but every column, for its error
+        rows = (row_access.columns_frame(splits.train, needed) if set(needed) <= set(names)
+                else row_access.columns_frame(row_access.take(splits.train, []), names))
+        audit["groups"] = group_representation(rows, recipe.data.groups, label, recipe.guards.min_group_size)
     return audit
 
 

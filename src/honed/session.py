@@ -15,6 +15,7 @@ import torch
 
 from . import track
 from .auto import resolve_auto, resolve_rates
+from .data import rows as row_access
 from .errors import RecipeError
 from .hooks import Hooks
 from .lr_range import applies as range_test_applies
@@ -270,8 +271,8 @@ def data_memory_mb(recipe: Recipe, task: Task, bundle: ModelBundle, splits) -> f
     total = 0.0
     if bundle.encode is not None:
         train = splits.train
-        if "text" in train.columns and len(train):
-            sample = train["text"].iloc[: 10_000].astype(str).str.len().mean()
+        if "text" in row_access.column_names(train) and len(train):
+            sample = row_access.column(row_access.take(train, np.arange(min(len(train), 10_000))), "text").astype(str).str.len().mean()
             per_row = min(recipe.data.max_length, sample / CHARS_PER_TOKEN + 2)
         else:
             per_row = task.sequence_length(recipe, bundle.model)

@@ -83,6 +83,44 @@ def read_table(path: str | Path, field: str = "data.train") -> pd.DataFrame:
     return frame
 
 
+def read_arrow_table(path: str | Path, field: str = "data.train"):
+    """A table file as an Arrow table. Parquet is read by pyarrow, memory-mapped and never through
+    pandas; CSV/TSV/JSONL go through `read_table` (its line-numbered errors), then are converted."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if TABLE_SUFFIXES.get(path.suffix.lower()) != "parquet":
+        return frame_to_table(read_table(path, field))
+    _check_file(path, field)
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{field}: {path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    # a pandas index saved as a column is the frame's index, not data (as pandas reads it back)
+    index_columns = [c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+    table = table.drop_columns([c for c in index_columns if c in table.column_names])
+    if table.num_columns == 0:
+        raise DataError(f"{field}: {path} has no columns; expected a header row")
+    if table.num_rows == 0:
+        raise DataError(f"{field}: {path} has a header but no data rows")
+    return table.rename_columns([str(c).strip() for c in table.column_names])
+
+
+def frame_to_table(frame: pd.DataFrame):
+    """A frame as an Arrow table, column by column; a column Arrow cannot type (a JSON field holding
+    both numbers and strings) is kept as the values' strings, missing values as nulls."""
+    import pyarrow as pa
+
+    arrays = []
+    for name in frame.columns:
+        try:
+            arrays.append(pa.array(frame[name], from_pandas=True))
+        except pa.ArrowException:
+            arrays.append(pa.array([None if value is None or (isinstance(value, float) and value != value) else str(value)
+                                    for value in frame[name]], type=pa.large_string()))
+    return pa.Table.from_arrays(arrays, names=[str(c) for c in frame.columns])
+
+
 def _read_delimited(text: str, path: Path, field: str, sep: str) -> pd.DataFrame:
     csv.field_size_limit(MAX_FIELD_BYTES)
     try:

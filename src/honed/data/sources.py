@@ -3,8 +3,10 @@ Hugging Face Hub dataset (`hf:owner/name`), or a weighted mixture of these.
 
 Hugging Face `datasets` is the reading layer for everything but a single file (which
 data/load.py reads with its file-by-file errors): shards and Hub datasets are read into
-Arrow (memory-mapped, cached by `datasets`), and handed to the tasks as one frame. Every way a
-source can be wrong is one error naming the recipe key, the file and what to do.
+Arrow (memory-mapped, cached by `datasets`). A task asks for its rows as an Arrow table
+(`as_table=True`: text classification, whose rows are never all converted to pandas) or as a
+pandas frame (tasks whose rows are Python objects). Every way a source can be wrong is one error
+naming the recipe key, the file and what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from .load import TABLE_SUFFIXES, read_table
+from . import rows as row_access
+from .load import TABLE_SUFFIXES, read_arrow_table, read_table
 
 HUB_PREFIX = "hf:"
 GLOB_CHARS = set("*?[")
@@ -29,15 +32,16 @@ SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 BUILDERS = {"csv": "csv", "tsv": "csv", "jsonl": "json", "parquet": "parquet"}
 
 
-# count_tokens(frame) -> the number of tokens of each row, counted with the run's tokenizer (data.mix_by: tokens)
-TokenCounter = Callable[[pd.DataFrame], "list[int] | np.ndarray"]
+# count_tokens(rows) -> the number of tokens of each row, counted with the run's tokenizer (data.mix_by: tokens)
+TokenCounter = Callable[..., "list[int] | np.ndarray"]
 
 
 @dataclass
 class Loaded:
-    """A split's rows and where they came from: one entry per source, for audit.json."""
+    """A split's rows (a frame, or an Arrow table when asked for) and where they came from: one
+    entry per source, for audit.json."""
 
-    frame: pd.DataFrame
+    rows: object
     sources: list[dict]
 
 
@@ -56,50 +60,52 @@ def entry_path(entry) -> str:
     return entry if isinstance(entry, str) else entry.path
 
 
-def read_source(value: str, field: str, subset: str | None = None, split: str | None = None) -> pd.DataFrame:
-    """The rows of one source (not a mixture) as a frame; `field` names the recipe key in errors."""
+def read_source(value: str, field: str, subset: str | None = None, split: str | None = None, as_table: bool = False):
+    """The rows of one source (not a mixture) as a frame, or as an Arrow table with `as_table`
+    (memory-mapped where `datasets` or the Parquet reader allows); `field` names the recipe key in errors."""
     text = str(value)
     if text.startswith(HUB_PREFIX):
-        return _read_hub(text[len(HUB_PREFIX):], field, subset, split)
+        return _read_hub(text[len(HUB_PREFIX):], field, subset, split, as_table)
     if GLOB_CHARS & set(text):
         files = sorted(p for p in globbing.glob(text, recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"{field}: the pattern {text} matches no file; check the folder and the pattern (e.g. data/train-*.parquet)")
-        return _read_shards([Path(p) for p in files], field, text)
+        return _read_shards([Path(p) for p in files], field, text, as_table)
     path = Path(text)
     if path.is_dir():
         if any((path / name).exists() for name in SAVED_DATASET_FILES):
-            return _read_saved(path, field, split)
+            return _read_saved(path, field, split, as_table)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise DataError(f"{field}: {path} is a directory with no .csv, .jsonl or .parquet shard in it and no save_to_disk files; "
                             "point it at a file, a folder of shards or a save_to_disk folder")
-        return _read_shards(files, field, str(path))
-    return read_table(path, field)
+        return _read_shards(files, field, str(path), as_table)
+    return read_arrow_table(path, field) if as_table else read_table(path, field)
 
 
 def load_split(value, field: str, subset: str | None, split: str | None, seed: int,
-               prepare: Callable[[pd.DataFrame, str], pd.DataFrame] | None = None,
-               count_tokens: TokenCounter | None = None) -> Loaded:
+               prepare: Callable[[object, str], object] | None = None,
+               count_tokens: TokenCounter | None = None, as_table: bool = False) -> Loaded:
     """One recipe split: a source, or a mixture (a list of `{path, weight}`).
 
-    prepare(frame, name) turns each source's rows into the task's columns before sources are
+    prepare(rows, name) turns each source's rows into the task's columns before sources are
     mixed, so sources in different formats (ShareGPT and Alpaca files) can be mixed.
-    count_tokens: see `mix` (`data.mix_by: tokens`).
+    count_tokens: see `mix` (`data.mix_by: tokens`). as_table: every source read as an Arrow
+    table (and `prepare` given and returning tables), not a frame.
     """
-    prepare = prepare or (lambda frame, name: frame)
+    prepare = prepare or (lambda rows, name: rows)
     if not isinstance(value, list):
-        frame = prepare(read_source(value, field, subset, split), source_name(value))
-        return Loaded(frame, [{"source": str(value), "rows": int(len(frame))}])
-    frames = []
+        rows = prepare(read_source(value, field, subset, split, as_table), source_name(value))
+        return Loaded(rows, [{"source": str(value), "rows": int(len(rows))}])
+    parts = []
     for i, entry in enumerate(value):
         where = f"{field}[{i}]"
-        frames.append(prepare(read_source(entry.path, f"{where}.path", entry.subset or subset, entry.split or split),
-                              source_name(entry.path)))
-    return mix(frames, [e.weight for e in value], [e.path for e in value], field, seed, count_tokens)
+        parts.append(prepare(read_source(entry.path, f"{where}.path", entry.subset or subset, entry.split or split, as_table),
+                             source_name(entry.path)))
+    return mix(parts, [e.weight for e in value], [e.path for e in value], field, seed, count_tokens)
 
 
-def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str], field: str, seed: int,
+def mix(frames: list, weights: list[float | None], names: list[str], field: str, seed: int,
         count_tokens: TokenCounter | None = None) -> Loaded:
     """Sources mixed so each makes up its weight's share of the examples, deterministically per seed.
 
@@ -108,15 +114,16 @@ def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str
     validation split): the source that runs out first is used whole, the others are subsampled
     by a seeded permutation.
 
-    count_tokens(frame) -> one token count per row (`data.mix_by: tokens`, counted with the run's
+    `frames` are all pandas frames or all Arrow tables; the mixture is of the same form.
+    count_tokens(rows) -> one token count per row (`data.mix_by: tokens`, counted with the run's
     tokenizer by the task): the weights are then shares of the mixture's tokens, not of its rows;
     each source's rows are taken in the same seeded order, as many as bring its tokens closest to
     its share, and audit.json reports each source's tokens and achieved token share.
     """
-    columns = list(frames[0].columns)
+    columns = row_access.column_names(frames[0])
     for frame, name in zip(frames[1:], names[1:]):
-        if list(frame.columns) != columns and set(frame.columns) != set(columns):
-            raise DataError(f"{field}: source {source_name(name)} has columns ({', '.join(map(str, frame.columns))}) but "
+        if row_access.column_names(frame) != columns and set(row_access.column_names(frame)) != set(columns):
+            raise DataError(f"{field}: source {source_name(name)} has columns ({', '.join(row_access.column_names(frame))}) but "
                             f"{source_name(names[0])} has ({', '.join(map(str, columns))}); every source of a mixture needs the same columns")
     given = [w for w in weights if w is not None]
     if given and len(given) != len(weights):
@@ -135,17 +142,17 @@ def mix(frames: list[pd.DataFrame], weights: list[float | None], names: list[str
     parts, sources = [], []
     for frame, take, name, weight in zip(frames, takes, names, weights):
         idx = np.sort(rng.permutation(len(frame))[:take]) if take < len(frame) else np.arange(len(frame))
-        parts.append(frame.iloc[idx][columns])
+        parts.append(row_access.select(row_access.take(frame, idx), columns))
         sources.append({"source": str(name), "weight": weight, "rows_available": int(len(frame)), "rows": int(take)})
-    mixed = pd.concat(parts, ignore_index=True)
+    mixed = row_access.concat(parts)
     # interleaved, not source after source: a carved split and the first epoch both see every source
-    mixed = mixed.iloc[rng.permutation(len(mixed))].reset_index(drop=True)
+    mixed = row_access.take(mixed, rng.permutation(len(mixed)))
     for s in sources:
         s["share"] = round(s["rows"] / len(mixed), 4)
     return Loaded(mixed, sources)
 
 
-def _mix_by_tokens(frames: list[pd.DataFrame], counts: list[np.ndarray], weights: list[float] | None, names: list[str],
+def _mix_by_tokens(frames: list, counts: list[np.ndarray], weights: list[float] | None, names: list[str],
                    columns: list[str], rng: np.random.Generator) -> Loaded:
     """`mix` by tokens: the mixture holds as many tokens as it can without repeating a row; the source
     whose tokens run out first (relative to its share) is used whole, each other source contributes the
@@ -172,11 +179,11 @@ def _mix_by_tokens(frames: list[pd.DataFrame], counts: list[np.ndarray], weights
     parts, sources = [], []
     for frame, order, count, take, name, weight in zip(frames, orders, counts, takes, names, weights or [None] * len(frames)):
         idx = np.sort(order[:take])
-        parts.append(frame.iloc[idx][columns])
+        parts.append(row_access.select(row_access.take(frame, idx), columns))
         sources.append({"source": str(name), "weight": weight, "rows_available": int(len(frame)), "rows": int(take),
                         "tokens_available": int(count.sum()), "tokens": int(count[idx].sum())})
-    mixed = pd.concat(parts, ignore_index=True)
-    mixed = mixed.iloc[rng.permutation(len(mixed))].reset_index(drop=True)
+    mixed = row_access.concat(parts)
+    mixed = row_access.take(mixed, rng.permutation(len(mixed)))
     tokens = sum(s["tokens"] for s in sources) or 1
     for s in sources:
         s["share"] = round(s["rows"] / len(mixed), 4)
@@ -208,8 +215,8 @@ def _shard_columns(path: Path) -> list[str]:
     return []
 
 
-def _read_shards(files: list[Path], field: str, given: str) -> pd.DataFrame:
-    """Shards of one kind, with the same columns, read through `datasets` into one frame."""
+def _read_shards(files: list[Path], field: str, given: str, as_table: bool = False):
+    """Shards of one kind, with the same columns, read through `datasets` into one frame (or table)."""
     kinds = {TABLE_SUFFIXES.get(p.suffix.lower()) for p in files}
     if None in kinds:
         odd = next(p for p in files if p.suffix.lower() not in TABLE_SUFFIXES)
@@ -224,7 +231,7 @@ def _read_shards(files: list[Path], field: str, given: str) -> pd.DataFrame:
             raise DataError(f"{field}: shard {path.name} has columns ({', '.join(columns)}) but {files[0].name} has ({', '.join(first)}); "
                             "every shard needs the same columns")
     if len(files) == 1:
-        return read_table(files[0], field)
+        return read_arrow_table(files[0], field) if as_table else read_table(files[0], field)
     kind = next(iter(kinds))
     options = {"dtype": str, "keep_default_na": False, "na_values": [""]} if BUILDERS[kind] == "csv" else {}
     if kind == "tsv":
@@ -236,10 +243,10 @@ def _read_shards(files: list[Path], field: str, given: str) -> pd.DataFrame:
     except Exception as exc:  # datasets wraps the reader's error in DatasetGenerationError
         cause = exc.__cause__ or exc
         raise DataError(f"{field}: could not read the shards of {given} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})") from None
-    return _frame(dataset, field, given)
+    return _rows(dataset, field, given, as_table)
 
 
-def _read_saved(path: Path, field: str, split: str | None) -> pd.DataFrame:
+def _read_saved(path: Path, field: str, split: str | None, as_table: bool = False):
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -248,7 +255,7 @@ def _read_saved(path: Path, field: str, split: str | None) -> pd.DataFrame:
         raise DataError(f"{field}: {path} is not a readable save_to_disk folder ({type(exc).__name__}: {str(exc)[:200]})") from None
     if isinstance(dataset, DatasetDict):
         dataset = _pick_split(dataset, split, field, str(path))
-    return _frame(dataset, field, str(path))
+    return _rows(dataset, field, str(path), as_table)
 
 
 def _pick_split(dataset, split: str | None, field: str, given: str):
@@ -262,7 +269,7 @@ def _pick_split(dataset, split: str | None, field: str, given: str):
     return dataset[split]
 
 
-def _read_hub(name: str, field: str, subset: str | None, split: str | None) -> pd.DataFrame:
+def _read_hub(name: str, field: str, subset: str | None, split: str | None, as_table: bool = False):
     """A Hub dataset (or its copy in the local `datasets` cache, offline)."""
     from datasets import load_dataset
 
@@ -279,12 +286,17 @@ def _read_hub(name: str, field: str, subset: str | None, split: str | None) -> p
         raise DataError(f"{field}: could not load {given} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if hasattr(dataset, "keys"):  # a DatasetDict: no data.split given
         dataset = _pick_split(dataset, split, field, given)
-    return _frame(dataset, field, given)
+    return _rows(dataset, field, given, as_table)
 
 
-def _frame(dataset, field: str, given: str) -> pd.DataFrame:
+def _rows(dataset, field: str, given: str, as_table: bool):
+    """A `datasets.Dataset`'s rows: its Arrow table as `datasets` maps it from the cache (a slice, not
+    a copy), or a frame."""
     if dataset.num_rows == 0:
         raise DataError(f"{field}: {given} has no rows")
+    if as_table:
+        table = dataset.with_format("arrow")[:]
+        return table.rename_columns([str(c).strip() for c in table.column_names])
     frame = dataset.to_pandas()
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
@@ -306,4 +318,4 @@ def sources_note(loaded: Loaded, role: str) -> dict:
 def read_frame(value, field: str, spec, seed: int = 0) -> pd.DataFrame:
     """Any recipe split form (a mixture included) as one frame, for tasks whose rows need no per-source
     preparation; `spec` is the recipe's data section (or any object: subset and split default to None)."""
-    return load_split(value, field, getattr(spec, "subset", None), getattr(spec, "split", None), seed).frame
+    return load_split(value, field, getattr(spec, "subset", None), getattr(spec, "split", None), seed).rows

@@ -59,13 +59,17 @@ def as_column(texts):
     texts are Arrow-backed already."""
     import pyarrow as pa
 
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    if not isinstance(texts, pa.Array):
+    if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
         texts = pa.array(texts) if hasattr(texts, "__arrow_array__") else pa.array(list(texts), type=pa.large_string())
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    return texts.cast(pa.large_string()).fill_null("")
+    texts = one_chunk(texts) if isinstance(texts, pa.ChunkedArray) else texts
+    if texts.type != pa.large_string():
+        texts = texts.cast(pa.large_string())
+    return texts.fill_null("") if texts.null_count else texts
+
+
+def one_chunk(column):
+    """An Arrow ChunkedArray as one Array: its only chunk as it is (combine_chunks copies even that)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def fingerprint(texts, key: str, max_length: int, pad_id: int) -> str:

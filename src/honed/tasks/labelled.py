@@ -16,6 +16,7 @@ import torch
 
 from ..checks.baseline import probe_baseline
 from ..checks.forgetting import feature_forgetting
+from ..data import rows as row_access
 from ..data.load import read_table
 from ..data.split import label_to_str
 from ..data.subsets import nested_fractions, nested_prefixes
@@ -157,11 +158,12 @@ def bias(session, test_outputs, before) -> dict:
     if not groups:
         return skipped("no data.groups given; name the columns to check, e.g. data.groups: [region]")
     labels = session.bundle.labels
-    test = session.splits.test
+    test = row_access.columns_frame(session.splits.test, list(dict.fromkeys([*groups, "label"])))
     y_true = test["label"].to_numpy()
     after = bias_guard.group_metrics(y_true, np.array([labels[i] for i in predicted_classes(test_outputs)]), test[groups], labels)
     probe = bias_guard.group_metrics(y_true, np.array([labels[i] for i in before["test_predictions"]]), test[groups], labels)
-    representation = bias_guard.group_representation(session.splits.train, groups, "label", session.recipe.guards.min_group_size)
+    train = row_access.columns_frame(session.splits.train, list(dict.fromkeys([*groups, "label"])))
+    representation = bias_guard.group_representation(train, groups, "label", session.recipe.guards.min_group_size)
     return bias_guard.bias_guard(after, probe, representation, session.recipe.guards.bias_threshold)
 
 
@@ -214,11 +216,11 @@ def with_predictions(frame: pd.DataFrame, outputs: torch.Tensor, labels: list[st
 
 
 def write_class_predictions(path: Path, session, test_outputs) -> None:
-    with_predictions(session.splits.test, test_outputs, session.bundle.labels).to_csv(path, index=False)
+    with_predictions(row_access.to_frame(session.splits.test), test_outputs, session.bundle.labels).to_csv(path, index=False)
 
 
 def write_value_predictions(path: Path, session, test_outputs) -> None:
-    with_predictions(session.splits.test, test_outputs, None).to_csv(path, index=False)
+    with_predictions(row_access.to_frame(session.splits.test), test_outputs, None).to_csv(path, index=False)
 
 
 # --------------------------------------------------------------------------- the rows' shared fields

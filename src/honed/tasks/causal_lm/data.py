@@ -116,7 +116,7 @@ def load_document_splits(recipe, seed: int, count_tokens=None) -> TextSplits:
     def read(role: str) -> pd.DataFrame:
         value = getattr(spec, role)
         loaded = load_documents(value, f"data.{role}", spec.text, spec.subset, spec.split, seed, count_tokens)
-        frame = drop_empty(loaded.frame, f"data.{role}", value, role, notes)
+        frame = drop_empty(loaded.rows, f"data.{role}", value, role, notes)
         notes.insert(0, sources_note(loaded, role))
         return frame
 

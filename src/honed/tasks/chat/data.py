@@ -69,7 +69,7 @@ def load_chat_splits(recipe, seed: int, count_tokens=None) -> TextSplits:
         loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
                             lambda frame, name: _read(frame, name, f"data.{role}", spec, formats), count_tokens)
         read_notes.append(sources_note(loaded, role))
-        return loaded.frame
+        return loaded.rows
 
     train = read("train")
     validation = read("validation") if spec.validation else None

@@ -1,4 +1,9 @@
-"""Text classification data: load the splits, validate columns and labels, carve missing splits."""
+"""Text classification data: load the splits, validate columns and labels, carve missing splits.
+
+The splits are Arrow tables from the source to the tokeniser: memory-mapped where `datasets` or the
+Parquet reader maps them, and never all converted to pandas (a check that needs pandas converts the
+one column it reads: the labels, a group column).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import math
 from dataclasses import dataclass, field
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ...data.sources import TokenCounter, load_split, source_name, sources_note
 from ...data.split import carve, label_to_str
+from ...data.tokens import as_column
 from ...errors import DataError
 from ...recipe import DataSpec
 
@@ -17,17 +25,19 @@ MAX_CLASS_SHARE_OF_ROWS = 0.5  # more distinct labels than half the rows is an i
 
 @dataclass
 class TextSplits:
-    """The three splits, each a frame with `text` and `label` (str) columns plus any group columns."""
+    """The three splits. Text classification's are Arrow tables with `text` (large_string) and `label`
+    (string) columns plus any group columns (string); causal-lm's document splits (tasks/causal_lm/data.py)
+    reuse this holder with pandas frames of `text` and `source`."""
 
-    train: pd.DataFrame
-    validation: pd.DataFrame
-    test: pd.DataFrame
+    train: pa.Table | pd.DataFrame
+    validation: pa.Table | pd.DataFrame
+    test: pa.Table | pd.DataFrame
     labels: list[str]
     notes: list[dict] = field(default_factory=list)  # audit findings produced while preparing
 
 
-def _columns_error(field_name: str, column: str, path: str, frame: pd.DataFrame) -> DataError:
-    cols = ", ".join(map(str, frame.columns[:30]))
+def _columns_error(field_name: str, column: str, path: str, names: list[str]) -> DataError:
+    cols = ", ".join(map(str, names[:30]))
     return DataError(f"{field_name}: column '{column}' not found in {_name(path)} (columns: {cols})")
 
 
@@ -69,14 +79,15 @@ def _check_labels_are_classes(values: pd.Series, path: str, column: str) -> None
         )
 
 
-def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: list[dict]) -> pd.DataFrame:
+def _prepare(table: pa.Table, spec: DataSpec, path: str, role: str, notes: list[dict]) -> pa.Table:
+    names = table.column_names
     for column, key in ((spec.text, "data.text"), (spec.label, "data.label")):
-        if column not in frame.columns:
-            raise _columns_error(key, column, path, frame)
+        if column not in names:
+            raise _columns_error(key, column, path, names)
     for column in spec.groups:
-        if column not in frame.columns:
-            raise _columns_error("data.groups", column, path, frame)
-    labels = frame[spec.label]
+        if column not in names:
+            raise _columns_error("data.groups", column, path, names)
+    labels = table.column(spec.label).to_pandas()  # one column; the label checks below are pandas'
     missing = labels.isna() | (labels.astype(str).str.strip() == "")
     if missing.any():
         raise DataError(
@@ -84,21 +95,34 @@ def _prepare(frame: pd.DataFrame, spec: DataSpec, path: str, role: str, notes: l
             f"({_where(missing, path)}); fill them in or remove those rows"
         )
     _check_labels_are_classes(labels, path, spec.label)
-    texts = frame[spec.text]
-    no_text = texts.isna() | (texts.astype(str).str.strip() == "")
+    texts = _as_text(table.column(spec.text))
+    no_text = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True).to_numpy(zero_copy_only=False)
     if no_text.any():
         notes.append({
             "level": "warn", "code": "empty_text", "split": role,
             "message": f"{int(no_text.sum())} row(s) of {_name(path)} have an empty '{spec.text}'; they were left out",
         })
-    kept = frame.loc[~no_text]
-    if len(kept) == 0:
+    kept = ~no_text
+    if not kept.any():
         raise DataError(f"data.text: every row of {_name(path)} has an empty '{spec.text}' column")
-    names = {value: label_to_str(value) for value in pd.unique(kept[spec.label])}  # per distinct label, not per row
-    out = pd.DataFrame({"text": kept[spec.text].astype(str).to_numpy(), "label": kept[spec.label].map(names).to_numpy()})
+    kept_labels = labels[kept]
+    label_names = {value: label_to_str(value) for value in pd.unique(kept_labels)}  # per distinct label, not per row
+    columns = {"text": texts if kept.all() else texts.filter(pa.array(kept)),  # no copy of a million texts to drop none
+               "label": pa.array(kept_labels.map(label_names).to_numpy(dtype=object), type=pa.string())}
     for column in spec.groups:
-        out[column] = kept[column].fillna("(missing)").astype(str).to_numpy()
-    return out
+        values = table.column(column).to_pandas()[kept]
+        columns[column] = pa.array(values.fillna("(missing)").astype(str).to_numpy(dtype=object), type=pa.string())
+    return pa.table(columns)
+
+
+def _as_text(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A text column as large_string (numbers as their text, as pandas' astype(str) wrote them; nulls kept)."""
+    if pa.types.is_large_string(values.type):
+        return values
+    if pa.types.is_string(values.type) or pa.types.is_string_view(values.type):
+        return values.cast(pa.large_string())
+    return pa.chunked_array([pa.array(values.to_pandas().map(lambda v: None if pd.isna(v) else str(v)).to_numpy(dtype=object),
+                                      type=pa.large_string())])
 
 
 def load_text_splits(spec: DataSpec, seed: int, count_tokens: TokenCounter | None = None) -> TextSplits:
@@ -108,15 +132,15 @@ def load_text_splits(spec: DataSpec, seed: int, count_tokens: TokenCounter | Non
 
     def read(role: str):
         loaded = load_split(getattr(spec, role), f"data.{role}", spec.subset, spec.split, seed,
-                            lambda frame, name: _prepare(frame, spec, name, role, notes), count_tokens)
+                            lambda table, name: _prepare(table, spec, name, role, notes), count_tokens, as_table=True)
         notes.append(sources_note(loaded, role))
-        return loaded.frame
+        return loaded.rows
 
     train = read("train")
     validation = read("validation") if spec.validation else None
     test = read("test") if spec.test else None
 
-    classes = train["label"].value_counts()
+    classes = _labels(train).value_counts()
     if len(classes) < 2:
         raise DataError(
             f"data.label: column '{spec.label}' in {_name(spec.train)} has a single class ('{classes.index[0]}') "
@@ -142,10 +166,10 @@ def load_text_splits(spec: DataSpec, seed: int, count_tokens: TokenCounter | Non
         train, validation, stratified = carve(train, fraction, "label", seed + 1)
         notes.append({"level": "info", "code": "split", "message": f"validation split carved from train ({len(validation)} rows, {'stratified' if stratified else 'random'}, seed {seed + 1})"})
 
-    labels = sorted(train["label"].unique().tolist(), key=_label_sort_key)
+    labels = sorted(pc.unique(train.column("label")).to_pylist(), key=_label_sort_key)
     known = set(labels)
-    for role, frame, path in (("validation", validation, spec.validation), ("test", test, spec.test)):
-        unseen = sorted(set(frame["label"]) - known)
+    for role, table, path in (("validation", validation, spec.validation), ("test", test, spec.test)):
+        unseen = sorted(set(pc.unique(table.column("label")).to_pylist()) - known)
         if unseen:
             where = _name(path) if path else f"the carved {role} split"
             raise DataError(
@@ -153,6 +177,10 @@ def load_text_splits(spec: DataSpec, seed: int, count_tokens: TokenCounter | Non
                 f"(training labels: {', '.join(labels[:20])}); add training examples for them or remove those rows"
             )
     return TextSplits(train=train, validation=validation, test=test, labels=labels, notes=notes)
+
+
+def _labels(table: pa.Table) -> pd.Series:
+    return table.column("label").to_pandas()
 
 
 def _label_sort_key(label: str):
@@ -173,10 +201,10 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     findings: list[dict] = list(splits.notes)
     frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     summary = {
-        name: {"rows": int(len(f)), "class_counts": {str(k): int(v) for k, v in f["label"].value_counts().sort_index().items()}}
+        name: {"rows": int(len(f)), "class_counts": {str(k): int(v) for k, v in _labels(f).value_counts().sort_index().items()}}
         for name, f in frames.items()
     }
-    train_counts = splits.train["label"].value_counts()
+    train_counts = _labels(splits.train).value_counts()
     small = train_counts[train_counts < MIN_PER_CLASS]
     if len(small):
         findings.append({
@@ -222,23 +250,21 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
 
 # --------------------------------------------------------------------------- column-wise checks (Arrow hash tables, no Python set of a million texts)
 
-def text_column(frame: pd.DataFrame):
-    """The frame's `text` column as an Arrow array (zero-copy for pandas' Arrow-backed strings)."""
-    import pyarrow as pa
-
-    return pa.array(frame["text"].array, type=pa.large_string())
+def text_column(table: pa.Table) -> pa.Array:
+    """The split's `text` column as one Arrow large_string array."""
+    return as_column(table.column("text"))
 
 
-def duplicate_texts(frame: pd.DataFrame) -> tuple[int, int]:
+def duplicate_texts(table: pa.Table) -> tuple[int, int]:
     """(rows that repeat an earlier text, texts that occur with more than one label)."""
     import numpy as np
 
-    texts = text_column(frame).dictionary_encode()
+    texts = text_column(table).dictionary_encode()
     text_ids = texts.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     duplicates = len(text_ids) - len(texts.dictionary)
     if not duplicates:
         return 0, 0
-    label_ids, labels = pd.factorize(frame["label"])
+    label_ids, labels = pd.factorize(_labels(table))
     pairs = np.unique(text_ids * max(1, len(labels)) + label_ids)  # each distinct (text, label) once
     per_text = np.bincount(pairs // max(1, len(labels)), minlength=len(texts.dictionary))
     return int(duplicates), int((per_text > 1).sum())
@@ -246,6 +272,4 @@ def duplicate_texts(frame: pd.DataFrame) -> tuple[int, int]:
 
 def shared_texts(texts, train_texts) -> int:
     """How many of `texts` also occur in `train_texts`."""
-    import pyarrow.compute as pc
-
     return int(pc.sum(pc.is_in(texts, value_set=train_texts)).as_py() or 0)

@@ -48,19 +48,27 @@ def text_token_counter(encoder, max_length: int):
     """count(frame) -> the tokens of each row's `text` as the classifier reads them (cut to max_length:
     the tokens past it are never trained on): what `data.mix_by: tokens` weighs a mixture with. Counted
     through the tokenisation cache, so a second run on the same sources tokenises nothing to count them."""
-    def count(frame) -> np.ndarray:
-        return tokenise_texts(encoder, frame["text"].array, max_length).lengths.numpy()
+    def count(table) -> np.ndarray:
+        return tokenise_texts(encoder, table.column("text"), max_length).lengths.numpy()
 
     return count
 
 
-def encode(bundle: ModelBundle, texts, labels: list[str] | None, max_length: int) -> EncodedSplit:
+def encode(bundle: ModelBundle, texts, labels, max_length: int) -> EncodedSplit:
     """Tokenise once (and, through the cache, once across runs); texts longer than max_length are
-    cut and counted (never silently)."""
+    cut and counted (never silently). labels: a list or an Arrow column of label strings, each one
+    of bundle.labels (None: unlabelled rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     done = tokenise_texts(bundle, texts, max_length)
     if labels is not None:
-        index = {label: i for i, label in enumerate(bundle.labels)}
-        y = torch.tensor([index[label] for label in labels], dtype=torch.long)
+        values = labels if isinstance(labels, (pa.Array, pa.ChunkedArray)) else pa.array(list(labels), type=pa.string())
+        index = pc.index_in(values.cast(pa.string()), value_set=pa.array(bundle.labels, type=pa.string()))
+        if index.null_count:
+            unknown = pc.filter(values, pc.is_null(index))[0].as_py()
+            raise KeyError(f"label {unknown!r} is not one of the model's labels ({', '.join(bundle.labels[:20])})")
+        y = torch.from_numpy(index.to_numpy(zero_copy_only=False).astype(np.int64))
     else:
         y = torch.full((len(done.lengths),), -1)
     return EncodedSplit(done.flat, done.offsets, done.lengths, y, done.truncated, done.from_cache)

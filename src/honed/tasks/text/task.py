@@ -38,8 +38,10 @@ def audit(recipe, splits, bundle=None, encoded=None) -> dict:
     return audit
 
 
-def encode(bundle, frame, labels, recipe):
-    return model.encode(bundle, frame["text"].array, frame["label"].tolist() if "label" in frame else None, recipe.data.max_length)
+def encode(bundle, table, labels, recipe):
+    """A split (an Arrow table from data.load_text_splits) as token ids and label indices."""
+    return model.encode(bundle, table.column("text"), table.column("label") if "label" in table.column_names else None,
+                        recipe.data.max_length)
 
 
 def encode_reference(recipe, bundle, frame, spec):
