@@ -19,7 +19,7 @@ def is_table(rows) -> bool:
 
 def column_names(rows) -> list[str]:
     """The rows' column names, in order."""
-    return list(rows.column_names) if is_table(rows) else [str(c) for c in rows.columns]
+    return list(rows.column_names) if is_table(rows) else list(rows.columns)
 
 
 def column(rows, name: str) -> pd.Series:
