@@ -10,6 +10,7 @@ the 10× / 100× the rows grew by.
     python benchmarks/data_scale.py                          # 10k and 100k, head and full
     python benchmarks/data_scale.py --plan 1000000:head      # one size and method
     python benchmarks/data_scale.py --warm                   # also a second run reading the tokenisation cache
+    python benchmarks/data_scale.py --plan 1000000:head --reading-only   # only read, check and carve the splits
 
 Settings that keep the runs inside a benchmark's budget (the same for every size): batch size
 256, one epoch for full, two head epochs, guards.baseline and guards.data_curve off, lr given
@@ -48,11 +49,26 @@ def write_data(folder: Path, rows: int) -> Path:
     return path
 
 
+def reading_child(assets: dict) -> None:
+    """honed.session.prepare alone (the recipe checked, the data read, checked and carved; no model):
+    the reading phase's own peak, and what stays resident after it."""
+    from honed.session import prepare
+
+    base = common.rss_mb()
+    began = time.time()
+    _, splits = prepare({"task": "text-classification", "model": "wordllama", "data": {"train": assets["train"], "max_length": 32}})
+    common.emit({"wall_s": round(time.time() - began, 1), "rss_before_mb": base, "rss_after_mb": common.rss_mb(),
+                 "split_type": type(splits.train).__name__})
+
+
 def child(args) -> None:
     import honed
     from honed.hooks import Hooks
 
     assets = json.loads(args.assets)
+    if assets.get("reading_only"):
+        reading_child(assets)
+        return
     phases: dict[str, float] = {}
     first_step: list[float] = []
     hooks = Hooks(on_phase=lambda name, seconds: phases.__setitem__(name, phases.get(name, 0.0) + seconds),
@@ -82,6 +98,8 @@ def main() -> None:
     parser.add_argument("--plan", default=DEFAULT_PLAN, help="comma-separated ROWS:METHOD runs, e.g. 1000000:head")
     parser.add_argument("--warm", action="store_true", help="after each cold run, run again on the same tokenisation cache")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take before it is stopped")
+    parser.add_argument("--reading-only", action="store_true",
+                        help="only read, check and carve the splits (honed.session.prepare): that phase's peak RSS; printed, not recorded")
     common.add_run_options(parser)
     args = parser.parse_args()
     if args.contestant:
@@ -100,8 +118,13 @@ def main() -> None:
             for attempt in ("cold", "warm") if args.warm else ("cold",):
                 os.environ["HF_DATASETS_CACHE"] = str(cache)  # a fresh tokenisation cache per size and method: cold starts
                 out = root / f"out-{rows}-{method}-{attempt}"
-                assets = json.dumps({"train": str(train), "method": method, "out": str(out)})
+                assets = json.dumps({"train": str(train), "method": method, "out": str(out), "reading_only": args.reading_only})
                 got = common.run_child(__file__, "honed", assets, [], timeout=args.timeout)
+                if args.reading_only:
+                    print(f"{rows:>8} reading only: {got['wall_s']} s, peak RSS {got['peak_rss_mb']:.0f} MB, resident "
+                          f"{got['rss_before_mb']:.0f} MB before and {got['rss_after_mb']:.0f} MB after, splits as {got['split_type']}",
+                          flush=True)
+                    continue
                 p = got["phases"]
                 print(f"{rows:>8} {method:<5} {attempt}: wall {got['wall_s']} s, first step {got['first_step_s']} s, "
                       f"phases {p}, peak RSS {got['peak_rss_mb']:.0f} MB, test accuracy {got['test_accuracy']:.3f}, "

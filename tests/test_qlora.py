@@ -17,9 +17,8 @@ pytest.importorskip("bitsandbytes")
 from chat_helpers import build_tiny_llama, write_chat_recipe, write_conversations  # noqa: E402
 from helpers import cli  # noqa: E402
 from honed.errors import RecipeError  # noqa: E402
-from honed.models.quantise import keep_training_layout  # noqa: E402
 from honed.methods import METHODS  # noqa: E402
-from honed.models.quantise import check_bitsandbytes  # noqa: E402
+from honed.models.quantise import check_bitsandbytes, keep_training_layout  # noqa: E402
 from honed.session import prepare, setup  # noqa: E402
 
 # Stated tolerance for the merged export: its weights are the exact fp32 values of the 4-bit codes

@@ -158,11 +158,12 @@ def bias(session, test_outputs, before) -> dict:
     if not groups:
         return skipped("no data.groups given; name the columns to check, e.g. data.groups: [region]")
     labels = session.bundle.labels
-    test = row_access.columns_frame(session.splits.test, list(dict.fromkeys([*groups, "label"])))
+    wanted = list(dict.fromkeys([*groups, "label"]))  # only these columns become pandas, not the texts
+    test = row_access.columns_frame(session.splits.test, wanted)
     y_true = test["label"].to_numpy()
     after = bias_guard.group_metrics(y_true, np.array([labels[i] for i in predicted_classes(test_outputs)]), test[groups], labels)
     probe = bias_guard.group_metrics(y_true, np.array([labels[i] for i in before["test_predictions"]]), test[groups], labels)
-    train = row_access.columns_frame(session.splits.train, list(dict.fromkeys([*groups, "label"])))
+    train = row_access.columns_frame(session.splits.train, wanted)
     representation = bias_guard.group_representation(train, groups, "label", session.recipe.guards.min_group_size)
     return bias_guard.bias_guard(after, probe, representation, session.recipe.guards.bias_threshold)
 

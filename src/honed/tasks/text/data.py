@@ -199,12 +199,13 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     Returns {"findings": [{level, code, message}], "splits": {name: {rows, class_counts}}, ...}.
     """
     findings: list[dict] = list(splits.notes)
-    frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    split_tables = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    counts = {name: _labels(f).value_counts() for name, f in split_tables.items()}  # each label column converted once
     summary = {
-        name: {"rows": int(len(f)), "class_counts": {str(k): int(v) for k, v in _labels(f).value_counts().sort_index().items()}}
-        for name, f in frames.items()
+        name: {"rows": int(len(f)), "class_counts": {str(k): int(v) for k, v in counts[name].sort_index().items()}}
+        for name, f in split_tables.items()
     }
-    train_counts = _labels(splits.train).value_counts()
+    train_counts = counts["train"]
     small = train_counts[train_counts < MIN_PER_CLASS]
     if len(small):
         findings.append({
@@ -225,7 +226,7 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     train_texts = text_column(splits.train)
     leakage = {}
     for name in ("validation", "test"):
-        shared = shared_texts(text_column(frames[name]), train_texts)
+        shared = shared_texts(text_column(split_tables[name]), train_texts)
         leakage[name] = shared
         if shared:
             findings.append({"level": "warn", "code": "leakage",
@@ -233,7 +234,7 @@ def audit_text_splits(splits, truncated: dict[str, int] | None = None, max_lengt
     if truncated:
         total = sum(truncated.values())
         if total:
-            rows = sum(len(f) for f in frames.values())
+            rows = sum(len(f) for f in split_tables.values())
             findings.append({"level": "warn" if total / rows > 0.05 else "info", "code": "truncated",
                              "message": f"{total} of {rows} texts are longer than data.max_length={max_length} tokens and were truncated"})
     return {

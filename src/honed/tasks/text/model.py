@@ -45,7 +45,7 @@ def tokenise_texts(encoder, texts, max_length: int) -> tokens.Tokenised:
 
 
 def text_token_counter(encoder, max_length: int):
-    """count(frame) -> the tokens of each row's `text` as the classifier reads them (cut to max_length:
+    """count(table) -> the tokens of each row's `text` as the classifier reads them (cut to max_length:
     the tokens past it are never trained on): what `data.mix_by: tokens` weighs a mixture with. Counted
     through the tokenisation cache, so a second run on the same sources tokenises nothing to count them."""
     def count(table) -> np.ndarray:
